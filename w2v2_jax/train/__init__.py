@@ -1,0 +1,1 @@
+"""Training: objectives, steps, parallelism, checkpoints and metrics."""
