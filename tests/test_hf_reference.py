@@ -173,7 +173,7 @@ def test_pretraining_outputs_and_loss_eval_mode(layout, padded, tmp_path):
   np.testing.assert_allclose(valid(out["context"], frame_pad), valid(ref.projected_states.numpy(), frame_pad),
                              atol=TOL, rtol=0)
   # HF's eval-mode perplexity counts hard argmax codes over masked frames: our code_perplexity.
-  np.testing.assert_allclose(float(out["code_perplexity"]), float(ref.codevector_perplexity), rtol=1e-5)
+  np.testing.assert_allclose(float(out["code_perplexity"]), float(ref.codevector_perplexity.detach()), rtol=1e-5)
   # Losses given the same mask and negatives.
   c = losses.contrastive(out["context"], out["targets"], out["codes"], jnp.asarray(mask), jnp.asarray(neg),
                          cfg.logit_temp)
@@ -197,9 +197,9 @@ def test_pretraining_loss_train_mode_prob_perplexity(tmp_path, monkeypatch):
   monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", noise_free_gumbel)
   hf.train()
   ref = hf(torch.from_numpy(audio), **hf_in)
-  np.testing.assert_allclose(float(out["prob_perplexity"]), float(ref.codevector_perplexity), rtol=1e-5)
+  np.testing.assert_allclose(float(out["prob_perplexity"]), float(ref.codevector_perplexity.detach()), rtol=1e-5)
   c = losses.contrastive(out["context"], out["targets"], out["codes"], jnp.asarray(mask), jnp.asarray(neg),
                          cfg.logit_temp)
   total = c["loss"] + cfg.diversity_weight * losses.diversity(out["prob_perplexity"],
                                                               cfg.num_codevectors) * c["sample_size"]
-  np.testing.assert_allclose(float(total), float(ref.loss), rtol=1e-5)
+  np.testing.assert_allclose(float(total), float(ref.loss.detach()), rtol=1e-5)

@@ -35,7 +35,8 @@ import numpy as np
 
 from w2v2_jax.models import ModelConfig, build
 
-__all__ = ["from_hf", "to_hf", "from_fairseq", "parse_conv_layers"]
+__all__ = ["from_hf", "to_hf", "from_fairseq", "hf_config_to_model_config", "model_config_to_hf",
+           "parse_conv_layers"]
 
 Params = Dict[str, Any]
 
@@ -244,10 +245,11 @@ def _to_torch(path: str, x: np.ndarray) -> np.ndarray:
 def _param_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
   """Flat {path: shape} of `build(cfg).init(...)['params']`, by abstract evaluation (nothing computed)."""
   module = build(cfg)
-  frames = max(2, cfg.mask_length)
+  frames = 2                                          # the tree does not depend on the length
   samples = cfg.receptive_field + cfg.hop * (frames - 1)
   rngs = {name: jax.random.PRNGKey(0) for name in ("params", "mask", "dropout", "gumbel", "layerdrop")}
-  variables = jax.eval_shape(module.init, rngs, jax.ShapeDtypeStruct((1, samples), jnp.float32))
+  variables = jax.eval_shape(module.init, rngs, jax.ShapeDtypeStruct((1, samples), jnp.float32),
+                             mask_time=jax.ShapeDtypeStruct((1, frames), jnp.bool_))
   return {path: tuple(leaf.shape) for path, leaf in _flatten(variables["params"]).items()}
 
 
@@ -377,7 +379,7 @@ def from_hf(path) -> Tuple[ModelConfig, Params]:
   task, prefix = _detect_hf_task(state)
   cfg = hf_config_to_model_config(hf_config, task)
   optional = {}
-  if hf_config.get("mask_time_prob", 0.05) <= 0 and hf_config.get("mask_feature_prob", 0.0) <= 0:
+  if float(hf_config.get("mask_time_prob", 0.05) or 0) <= 0 and float(hf_config.get("mask_feature_prob") or 0) <= 0:
     optional["wav2vec2/mask_emb"] = _zeros       # transformers creates no masked_spec_embed then
   params = _to_params(cfg, state, lambda p: _torch_name(p, HF_MODULES, prefix), directory, optional)
   return cfg, params
@@ -552,8 +554,8 @@ def from_fairseq(path) -> Tuple[ModelConfig, Params]:
   (Wav2VecCtc: backbone under "w2v_encoder.w2v_model.", head "w2v_encoder.proj").
 
   SECURITY: this calls torch.load(weights_only=False), which unpickles the file and so can execute
-  arbitrary code it contains: only convert checkpoints you trust. Needs torch (the `hf` extra); new-style
-  checkpoints store their config as omegaconf objects, so unpickling them also needs `omegaconf`.
+  arbitrary code it contains: only convert checkpoints you trust. Needs torch (the `hf` extra); some
+  fairseq versions pickled the config as omegaconf objects, so unpickling those also needs `omegaconf`.
 
   The architecture comes from ckpt["cfg"]["model"] (for CTC: cfg.model.w2v_args.model, with the
   fine-tuning dropouts / masking of cfg.model on top) or the legacy ckpt["args"] Namespace; loss weights
@@ -568,8 +570,9 @@ def from_fairseq(path) -> Tuple[ModelConfig, Params]:
   try:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
   except ModuleNotFoundError as e:
-    raise ImportError(f"{path}: unpickling needs the module {e.name!r} (fairseq stores its config as "
-                      "omegaconf objects: pip install 'w2v2_jax[hf]')") from e
+    raise ImportError(f"{path}: unpickling needs the module {e.name!r}. Older fairseq checkpoints store "
+                      "their config as omegaconf objects (pip install 'w2v2_jax[hf]' installs omegaconf); "
+                      "ones that pickle fairseq's own classes need fairseq installed") from e
   if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
     raise ValueError(f"{path}: not a fairseq checkpoint (no 'model' state dict)")
   state = dict(ckpt["model"])
@@ -618,7 +621,7 @@ def _fairseq_model_config(ckpt: Mapping[str, Any], task: str, vocab_size: int, s
     arch = model
 
   name = arch.get("_name") or arch.get("arch")
-  if name is not None and not str(name).startswith("wav2vec"):
+  if name is not None and not str(name).startswith("wav2vec2"):
     raise ValueError(f"{source}: model _name={name!r} is not a wav2vec 2.0 model")
   for field, default, supported, pretrain_only in FAIRSEQ_UNSUPPORTED:
     if pretrain_only and task != "pretrain":
@@ -643,10 +646,14 @@ def _fairseq_model_config(ckpt: Mapping[str, Any], task: str, vocab_size: int, s
     if finetune.get("apply_mask") is False:
       values["mask_prob"] = values["mask_channel_prob"] = 0.0
   weights = criterion.get("loss_weights")
-  if isinstance(weights, str):
-    weights = ast.literal_eval(weights)
+  try:
+    if isinstance(weights, str):
+      weights = ast.literal_eval(weights)             # legacy "[0.1, 10]"; literals only, never code
+    weights = [float(w) for w in weights] if weights else []
+  except (ValueError, TypeError, SyntaxError) as e:
+    raise ValueError(f"fairseq config: loss_weights={criterion.get('loss_weights')!r} is not a list of "
+                     "numbers") from e
   if weights:
-    weights = [float(w) for w in weights]
     values["diversity_weight"] = weights[0]
     values["feature_pen_weight"] = weights[1] if len(weights) > 1 else weights[0]
   if task == "ctc":

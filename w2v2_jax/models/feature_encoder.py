@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from w2v2_jax.models.conv import strided_conv
+
 
 def output_lengths(lengths, conv_layers: Sequence[Tuple[int, int, int]]):
   """Frames produced from `lengths` samples: floor((L - k) / s) + 1 per layer (works on ints and arrays)."""
@@ -58,7 +60,7 @@ class Conv1D(nn.Module):
       stride = 1
     else:
       stride = s
-    y = jax.lax.conv_general_dilated(x, kernel, (stride,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))
+    y = strided_conv(x, kernel, stride)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
     return y

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from w2v2_jax.models.conv import grouped_conv
 from w2v2_jax.models.feature_encoder import gelu
 
 Array = jnp.ndarray
@@ -46,9 +47,7 @@ class PositionalConv(nn.Module):
     norm = jnp.sqrt(jnp.sum(v * v, axis=(1, 2), keepdims=True))
     kernel = (g[:, None, None] * v / norm).astype(self.dtype)
     pad = k // 2
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel, (1,), [(pad, pad)], dimension_numbers=("NWC", "WIO", "NWC"),
-        feature_group_count=self.groups)
+    y = grouped_conv(x.astype(self.dtype), kernel, self.groups, pad)
     y = y + bias.astype(self.dtype)
     if k % 2 == 0:
       y = y[:, :-1]

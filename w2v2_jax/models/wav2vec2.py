@@ -61,7 +61,8 @@ class Wav2Vec2Backbone(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     check_audio(audio, padding_mask, cfg.conv_layers)
-    features = FeatureEncoder(cfg.conv_layers, cfg.extractor_mode, cfg.conv_bias, cfg.layer_norm_eps, dtype,
+    # The conv norms use PyTorch's default eps (1e-5) in the reference, whatever layer_norm_eps says.
+    features = FeatureEncoder(cfg.conv_layers, cfg.extractor_mode, cfg.conv_bias, 1e-5, dtype,
                               name="feature_extractor")(audio)
     if cfg.feature_grad_mult == 0.0:
       features = jax.lax.stop_gradient(features)        # frozen: XLA drops the conv backward pass
