@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 _DIMS = ("NWC", "WIO", "NWC")
+_IM2COL = False
 
 
 def _on_cpu() -> bool:
@@ -29,7 +30,7 @@ def _taps(x: jnp.ndarray, kernel_size: int, stride: int, length: int) -> jnp.nda
 def strided_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
   """VALID 1-D convolution. x (B, L, C_in), kernel (k, C_in, C_out) -> (B, (L - k) // s + 1, C_out)."""
   k, c_in, c_out = kernel.shape
-  if not _on_cpu() or c_in * k < 256:
+  if not _on_cpu() or not _IM2COL:
     return jax.lax.conv_general_dilated(x, kernel, (stride,), "VALID", dimension_numbers=_DIMS)
   length = (x.shape[1] - k) // stride + 1
   return _taps(x, k, stride, length) @ kernel.reshape(k * c_in, c_out)
