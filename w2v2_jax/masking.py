@@ -12,7 +12,7 @@ are feature channels. Masks are bool, True = masked (or, for `padding_mask`, Tru
 from __future__ import annotations
 
 import numbers
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -126,9 +126,11 @@ def _sample_span_mask(rng, lengths: jnp.ndarray, width: int, mask_prob: float, m
   return mask, starts, num_spans
 
 
-def _equalize_counts(rng, mask: jnp.ndarray) -> jnp.ndarray:
-  """Unmask uniformly random masked frames of each row of `mask` (B, T) down to the batch minimum."""
-  target = jnp.min(jnp.sum(mask, axis=1))
+def _equalize_counts(rng, mask: jnp.ndarray, target=None) -> jnp.ndarray:
+  """Unmask uniformly random masked frames of each row of `mask` (B, T) down to `target` frames
+  (default: the batch minimum)."""
+  if target is None:
+    target = jnp.min(jnp.sum(mask, axis=1))
   keys = jnp.where(mask, _uniform(rng, mask.shape), 2.0)  # masked frames sort first
   ranks = jnp.argsort(jnp.argsort(keys, axis=1), axis=1)
   return mask & (ranks < target)
@@ -285,3 +287,64 @@ def sample_negatives(rng, mask, num_negatives: int, cross_sample_negatives: int 
     parts.append(negatives.reshape(batch, width, cross_sample_negatives))
 
   return jnp.concatenate(parts, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- layout-independent draws
+# The data-parallel train step draws its masks and negatives with one key per utterance (folded from
+# the step key and the utterance's global row index), so the same global batch gets the same masks and
+# negatives whether it is split over 1 device or 64. The functions below are the row-keyed forms.
+
+def _row(fn, row_keys, *arrays):
+  """Apply `fn(key, *row_arrays_with_batch_1)` to every row with its own key; stack the rows."""
+  return jax.vmap(lambda k, *xs: fn(k, *(x[None] for x in xs))[0])(row_keys, *arrays)
+
+
+def row_span_mask(row_keys, padding_mask, mask_prob: float, mask_length: int, min_masks: int = 2,
+                  require_same_masks: bool = True, axis_name: Optional[str] = None) -> jnp.ndarray:
+  """`span_mask` with one PRNG key per row: row b's mask depends only on row_keys[b] and its padding.
+
+  With `require_same_masks`, rows are equalised to the minimum masked count over the batch and, when
+  `axis_name` is given (inside shard_map/pmap), over every device's batch (`lax.pmin`), so the result
+  does not depend on how the global batch is split across devices.
+
+  Args:
+    row_keys: (B,) PRNG keys (typed keys or raw uint32 key data with a leading B axis).
+    padding_mask: (B, T) bool, True = padding frame.
+    Other arguments as `span_mask`.
+
+  Returns:
+    (B, T) bool, True = masked frame.
+  """
+  padding_mask = _check_bool_2d("padding_mask", padding_mask)
+  batch, width = padding_mask.shape
+  mask_prob, mask_length, min_masks = _check_span_args(mask_prob, mask_length, min_masks, width,
+                                                       "time")
+  if mask_prob == 0.0 or batch == 0:
+    return jnp.zeros((batch, width), jnp.bool_)
+  split = jax.vmap(jax.random.split)(row_keys)
+  mask = _row(lambda k, p: span_mask(k, p, mask_prob, mask_length, min_masks, False),
+              split[:, 0], padding_mask)
+  if not require_same_masks:
+    return mask
+  target = jnp.min(jnp.sum(mask, axis=1))
+  if axis_name is not None:
+    target = jax.lax.pmin(target, axis_name)
+  return row_equalize(split[:, 1], mask, target)
+
+
+def row_equalize(row_keys, mask, target) -> jnp.ndarray:
+  """Unmask uniformly random masked frames of each row of `mask` (B, T) until it has `target` masked
+  frames (rows with fewer keep theirs), row b drawing with row_keys[b]."""
+  return _row(lambda k, m: _equalize_counts(k, m, target), row_keys, mask)
+
+
+def row_negatives(row_keys, mask, num_negatives: int) -> jnp.ndarray:
+  """`sample_negatives` (in-utterance negatives only) with one PRNG key per row.
+
+  Returns (B, T, K) int32 flat indices into the (B * T) frames, as `sample_negatives`.
+  """
+  mask = _check_bool_2d("mask", mask)
+  num_negatives = _check_int("num_negatives", num_negatives, 1)
+  batch, width = mask.shape
+  local = _row(lambda k, m: sample_negatives(k, m, num_negatives), row_keys, mask)
+  return local + (jnp.arange(batch, dtype=jnp.int32) * width)[:, None, None]

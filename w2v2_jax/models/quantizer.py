@@ -10,14 +10,27 @@ import jax.numpy as jnp
 Array = jnp.ndarray
 
 
+def weighted_sums(probs: Array, weights: Array) -> Array:
+  """probs (B, T, G, V) float32, weights (B, T) -> (G, V) sum over frames of probs * weight."""
+  return jnp.einsum("btgv,bt->gv", probs, weights.astype(jnp.float32))
+
+
+def perplexity_from_sums(sums: Array, total: Array) -> Array:
+  """Sum over groups of exp(entropy) of the average distribution sums / total, (G, V) -> scalar.
+
+  Splitting perplexity into sums and a final step lets a data-parallel caller psum the (G, V) sums
+  over devices and get the perplexity of the global batch.
+  """
+  avg = sums / jnp.maximum(total, 1.0)
+  return jnp.sum(jnp.exp(-jnp.sum(avg * jnp.log(avg + 1e-7), axis=-1)))
+
+
 def perplexity(probs: Array, weights: Array) -> Array:
   """Sum over groups of exp(entropy) of the weighted average distribution.
 
   probs (B, T, G, V) float32, weights (B, T) float (1 for frames that count) -> scalar in [G, G*V].
   """
-  w = weights.astype(jnp.float32)[..., None, None]
-  avg = jnp.sum(probs * w, axis=(0, 1)) / jnp.maximum(jnp.sum(w), 1.0)            # (G, V)
-  return jnp.sum(jnp.exp(-jnp.sum(avg * jnp.log(avg + 1e-7), axis=-1)))
+  return perplexity_from_sums(weighted_sums(probs, weights), jnp.sum(weights.astype(jnp.float32)))
 
 
 class GumbelQuantizer(nn.Module):
@@ -36,12 +49,16 @@ class GumbelQuantizer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, weights: Optional[Array] = None, *, temperature: Any = 2.0,
-               deterministic: bool = True) -> Dict[str, Array]:
+               deterministic: bool = True, row_ids: Optional[Array] = None) -> Dict[str, Array]:
     """x (B, T, C); weights (B, T) frames counted in the perplexities (default: all).
+
+    row_ids (B,) int: when given, row b's Gumbel noise is drawn from fold_in(key, row_ids[b]), so it
+    does not depend on which device or batch position the row lands on.
 
     Returns `quantized` (B, T, dim), `codes` (B, T, G) int32, `prob_perplexity` (from the noise-free
     softmax, averaged over counted frames; the diversity loss uses it), `code_perplexity` (from hard
-    noise-free argmax counts, for logging; HF's eval-mode "codevector_perplexity").
+    noise-free argmax counts, for logging; HF's eval-mode "codevector_perplexity"), and their
+    ingredients `prob_sums`, `code_counts` (G, V) and `weight_sum` for a cross-device perplexity.
     """
     b, t, _ = x.shape
     g, v = self.num_groups, self.num_vars
@@ -54,15 +71,26 @@ class GumbelQuantizer(nn.Module):
       weights = jnp.ones((b, t), jnp.float32)
 
     hard_codes = jnp.argmax(logits, axis=-1)
+    weight_sum = jnp.sum(weights.astype(jnp.float32))
+    prob_sums = weighted_sums(jax.nn.softmax(logits, axis=-1), weights)
+    code_counts = weighted_sums(jax.nn.one_hot(hard_codes, v, dtype=jnp.float32), weights)
     out = {
-        "prob_perplexity": perplexity(jax.nn.softmax(logits, axis=-1), weights),
-        "code_perplexity": perplexity(jax.nn.one_hot(hard_codes, v, dtype=jnp.float32), weights),
+        "prob_perplexity": perplexity_from_sums(prob_sums, weight_sum),
+        "code_perplexity": perplexity_from_sums(code_counts, weight_sum),
+        "prob_sums": prob_sums,
+        "code_counts": code_counts,
+        "weight_sum": weight_sum,
     }
     if deterministic:
       codes = hard_codes
       quantized = jax.vmap(lambda cb, c: cb[c], in_axes=(0, 2), out_axes=2)(codebook, codes)  # (B,T,G,d)
     else:
-      noise = jax.random.gumbel(self.make_rng("gumbel"), logits.shape, jnp.float32)
+      key = self.make_rng("gumbel")
+      if row_ids is None:
+        noise = jax.random.gumbel(key, logits.shape, jnp.float32)
+      else:
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], jnp.float32))(keys)
       soft = jax.nn.softmax((logits + noise) / jnp.asarray(temperature, jnp.float32), axis=-1)
       codes = jnp.argmax(soft, axis=-1)
       hard = jax.nn.one_hot(codes, v, dtype=jnp.float32)

@@ -123,8 +123,9 @@ class Wav2Vec2ForPreTraining(nn.Module):
 
   @nn.compact
   def __call__(self, audio: Array, padding_mask: Optional[Array] = None, *, mask_time: Optional[Array] = None,
-               temperature: Any = 2.0, deterministic: bool = True,
-               output_hidden_states: bool = False) -> Dict[str, Any]:
+               temperature: Any = 2.0, deterministic: bool = True, output_hidden_states: bool = False,
+               row_ids: Optional[Array] = None) -> Dict[str, Any]:
+    """row_ids (B,) int: global utterance indices that key each row's Gumbel noise (see GumbelQuantizer)."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     out = Wav2Vec2Backbone(cfg, name="wav2vec2")(
@@ -135,14 +136,14 @@ class Wav2Vec2ForPreTraining(nn.Module):
       counted = counted & out["mask_time"]
     quantizer_in = nn.Dropout(cfg.dropout_features)(out["normed_features"], deterministic=deterministic)
     q = GumbelQuantizer(cfg.latent_groups, cfg.latent_vars, cfg.vq_dim, dtype, name="quantizer")(
-        quantizer_in, counted, temperature=temperature, deterministic=deterministic)
+        quantizer_in, counted, temperature=temperature, deterministic=deterministic, row_ids=row_ids)
     out["targets"] = nn.Dense(cfg.final_dim, dtype=dtype, param_dtype=jnp.float32,
                               kernel_init=_torch_linear_init, name="project_q")(q["quantized"])
     out["context"] = nn.Dense(cfg.final_dim, dtype=dtype, param_dtype=jnp.float32,
                               kernel_init=_torch_linear_init, name="final_proj")(out["last_hidden_state"])
     out["codes"] = q["codes"]
-    out["prob_perplexity"] = q["prob_perplexity"]
-    out["code_perplexity"] = q["code_perplexity"]
+    for key in ("prob_perplexity", "code_perplexity", "prob_sums", "code_counts", "weight_sum"):
+      out[key] = q[key]
     return out
 
 
