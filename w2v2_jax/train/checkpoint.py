@@ -129,7 +129,7 @@ class Checkpointer:
     self.save_every = int(save_every)
     self._config = None
     # When to save is decided here (`should_save`); every save reaches Orbax with force=True.
-    if hasattr(ocp, "checkpoint_managers"):                 # Orbax >= 0.11.x: policy objects
+    if hasattr(ocp, "checkpoint_managers"):     # newer Orbax: policy objects replace max_to_keep
       keep_option = dict(preservation_policy=ocp.checkpoint_managers.LatestN(keep))
     else:
       keep_option = dict(max_to_keep=keep)

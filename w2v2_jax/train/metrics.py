@@ -160,6 +160,17 @@ CONSOLE_FIELDS = (
 )
 
 
+def _to_float(v: Any) -> float:
+  """A host or device scalar -> float (arrays: their mean). Runs on process 0 only, so a global
+  array must be replicated (use `Averager.result()` for anything else)."""
+  if isinstance(v, jax.Array) and not v.is_fully_addressable:
+    if not v.is_fully_replicated:
+      raise ValueError("MetricsWriter.write needs host values or replicated arrays; "
+                       "reduce sharded metrics with Averager.result() on every process")
+    v = v.addressable_data(0)
+  return float(np.mean(np.asarray(v, np.float64)))
+
+
 def _pick(scalars: Mapping[str, float], names: Iterable[str]) -> Optional[float]:
   for name in names:
     for key, value in scalars.items():
@@ -182,6 +193,7 @@ class MetricsWriter:
     initial_step: the step training starts from (the restored step on resume); timing of the first
       write counts steps from it.
     ema: weight of the newest interval in the moving average of seconds per step behind the ETA.
+    remote_flush_secs: on object stores (gs://), rewrite the files at most this often (and on close).
     clock: monotonic clock (seconds), injectable for tests.
   """
 
@@ -262,7 +274,7 @@ class MetricsWriter:
     if not self.is_primary:
       return
     step = int(step)
-    values = {str(k): float(np.mean(np.asarray(v, np.float64))) for k, v in scalars.items()}
+    values = {str(k): _to_float(v) for k, v in scalars.items()}
     values.update(self._time_interval(step, audio_seconds))
     self._events.write(_tfrecord(_event(step, time.time(), scalars=values)))
     record = {"step": step, "time": time.time()}

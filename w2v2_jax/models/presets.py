@@ -1,0 +1,39 @@
+"""Model architecture presets with the recipe's values (see ../shared/RECIPE.md).
+
+  base        BASE, LS-960 pretraining: 95M params, post-LN, group-norm conv encoder.
+  large       LARGE, LS-960: 317M params, post-LN, group-norm conv encoder.
+  large_lv60  LARGE, LV-60k: pre-LN, layer-norm conv encoder with bias, no dropout, no feature penalty.
+  tiny        About 0.1M parameters with the full 7-layer conv stack (narrow), for CPU tests and demos.
+"""
+from w2v2_jax.models.config import ModelConfig
+
+
+def presets():
+  """name -> ModelConfig."""
+  base = ModelConfig()
+  large = base.replace(
+      encoder_embed_dim=1024, encoder_layers=24, encoder_ffn_embed_dim=4096, encoder_attention_heads=16,
+      final_dim=768, dropout=0.0, attention_dropout=0.1, encoder_layerdrop=0.0, feature_grad_mult=0.03)
+  large_lv60 = large.replace(
+      extractor_mode="layer_norm", conv_bias=True, layer_norm_first=True, attention_dropout=0.0,
+      dropout_input=0.0, dropout_features=0.0, feature_grad_mult=1.0, feature_pen_weight=0.0)
+  tiny = base.replace(
+      conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2,
+      encoder_embed_dim=64, encoder_layers=2, encoder_ffn_embed_dim=128, encoder_attention_heads=4,
+      conv_pos=16, conv_pos_groups=4, final_dim=32, latent_vars=16, num_negatives=10, mask_length=4,
+      encoder_layerdrop=0.0)
+  base = base.replace(feature_grad_mult=0.1)
+  return {"base": base, "large": large, "large_lv60": large_lv60, "tiny": tiny}
+
+
+def get(arg: str = "base") -> ModelConfig:
+  """`name` or `name,task` (e.g. "base,ctc"; a CTC variant gets vocab_size 32 until a fine-tuning
+  config sets the vocabulary's size)."""
+  name, _, task = arg.partition(",")
+  table = presets()
+  if name not in table:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(table)}")
+  cfg = table[name]
+  if task:
+    cfg = cfg.replace(task=task, vocab_size=cfg.vocab_size or 32)
+  return cfg

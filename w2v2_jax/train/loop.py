@@ -1,0 +1,139 @@
+"""The pretraining job: data -> data-parallel step -> checkpoints and metrics, resumable.
+
+`pretrain(config, workdir)` is what `w2v2 pretrain` runs, on one CPU or on every host of a pod (each
+process runs it; `parallel.initialize_distributed` joins them). Restarting with the same workdir
+resumes from the latest checkpoint, data iterator included, and reaches the same params as an
+uninterrupted run. SIGTERM (preemption) saves a checkpoint and returns cleanly.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import numpy as np
+
+from w2v2_jax import models
+from w2v2_jax.data import pipeline
+from w2v2_jax.data.source import as_source
+from w2v2_jax.models.config import ModelConfig
+from w2v2_jax.train import checkpoint, metrics as metrics_lib, optimizer, parallel, schedules
+from w2v2_jax.train import step as train_step
+
+log = logging.getLogger(__name__)
+LN2 = math.log(2.0)
+STEP_KEYS = ("audio", "padding_mask", "row_ids")
+
+
+def batch_geometry(config: Any, num_devices: int) -> Dict[str, int]:
+  """Global micro-batch samples and accumulation steps that realise `batch.global_seconds`."""
+  rate = int(config.data.sample_rate)
+  device_samples = int(round(config.batch.device_seconds * rate))
+  global_samples = int(round(config.batch.global_seconds * rate))
+  if device_samples < max(config.data.buckets):
+    raise ValueError(f"batch.device_seconds={config.batch.device_seconds} holds {device_samples} samples, "
+                     f"fewer than the largest bucket data.buckets={tuple(config.data.buckets)}")
+  accumulate = max(1, math.ceil(global_samples / (device_samples * num_devices)))
+  return {"batch_samples": device_samples * num_devices, "accumulate": accumulate}
+
+
+def make_source(config: Any):
+  data = config.data
+  if data.train_manifest and data.tfds_name:
+    raise ValueError("set one of data.train_manifest and data.tfds_name, not both")
+  if data.train_manifest:
+    return as_source(data.train_manifest)
+  if data.tfds_name:
+    from w2v2_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
+    return TfdsSource(data.tfds_name, data.tfds_split, data_dir=data.tfds_data_dir or None,
+                      manual_dir=data.tfds_manual_dir or None)
+  raise ValueError("no training data: set data.train_manifest (a .tsv from `w2v2 manifest`) or data.tfds_name")
+
+
+def _host_params(module, cfg: ModelConfig, seed: int, num_samples: int):
+  rngs = {"params": jax.random.PRNGKey(seed), "mask": jax.random.PRNGKey(seed + 1)}
+  init = jax.jit(lambda r: module.init(r, np.zeros((1, num_samples), np.float32))["params"])
+  return jax.device_get(init(rngs))
+
+
+def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> Dict[str, float]:
+  """Runs (or resumes) pretraining until config.train.steps (or `max_steps` updates in this call).
+
+  Returns the last logged metrics.
+  """
+  parallel.initialize_distributed()
+  model_cfg = ModelConfig.from_any(config.model).replace(task="pretrain")
+  module = models.build(model_cfg)
+  total = int(config.train.steps)
+  geometry = batch_geometry(config, jax.device_count())
+  log.info("model: %s; %d devices on %d processes; global micro-batch %d samples x %d accumulation",
+           model_cfg.extractor_mode, jax.device_count(), jax.process_count(), geometry["batch_samples"],
+           geometry["accumulate"])
+
+  data = config.data
+  iterator = pipeline.make_iterator(
+      make_source(config), buckets=tuple(data.buckets), batch_samples=geometry["batch_samples"],
+      min_sample_size=data.min_sample_size, max_sample_size=data.max_sample_size,
+      multiple_of=jax.device_count(), accumulate=geometry["accumulate"], mode="crop", seed=data.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      sample_rate=data.sample_rate, normalize=data.normalize, num_threads=data.num_threads,
+      prefetch=data.prefetch)
+
+  tx = optimizer.make(config.optim, total)
+  step_fn = functools.partial(train_step.pretrain_step, module=module, tx=tx,
+                              lr_schedule=schedules.learning_rate(config.optim, total),
+                              latent_temp=tuple(config.train.latent_temp))
+  runner = parallel.DataParallel(step_fn, config.parallel.mode)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                 save_every=config.train.checkpoint_every)
+  state = train_step.init_state(_host_params(module, model_cfg, config.train.seed, min(data.buckets)), tx,
+                                jax.random.key(config.train.seed))
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(state_template=state)
+    if data_state is not None:
+      iterator.set_state(data_state)
+    start = int(jax.device_get(state["step"]))
+    log.info("resumed from step %d in %s", start, workdir)
+  state = runner.put_state(state)
+  config_json = config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else json.dumps(config)
+  chance = math.log(model_cfg.num_negatives + model_cfg.cross_sample_negatives + 1)
+
+  writer = metrics_lib.MetricsWriter(workdir, total_steps=total, log_every=config.train.log_every,
+                                     is_primary=jax.process_index() == 0)
+  averager = metrics_lib.Averager(sum_keys=("audio_samples",) + pipeline.STAT_KEYS)
+  last: Dict[str, float] = {}
+  step = start
+  stop_at = total if max_steps is None else min(total, start + max_steps)
+  with checkpoint.PreemptionGuard() as guard:
+    while step < stop_at:
+      batch = next(iterator)
+      stats = batch["stats"]
+      state, step_metrics = runner.step(state, runner.put_batch({k: batch[k] for k in STEP_KEYS}))
+      step += 1
+      averager.add({**step_metrics, **{f"data/{k}": v for k, v in stats.items()}})
+      if step == start + 1:
+        writer.reset_timer(step)            # the first step compiles: keep it out of the timing
+        averager.reset()
+      if writer.should_write(step) and averager.count:
+        values = averager.result()
+        audio_seconds = values.pop("audio_samples") / data.sample_rate
+        for k in ("loss", "contrastive"):
+          values[f"{k}_bits"] = values[k] / LN2
+        values["chance_bits"] = chance / LN2
+        writer.write(step, values, audio_seconds=audio_seconds)
+        last = values
+      stopping = guard.should_stop(step)
+      if ckpt.should_save(step) or stopping or step == stop_at:
+        ckpt.save(step, runner.get_state(state), iterator.get_state(), config_json, force=True)
+      if stopping:
+        log.warning("stop requested (SIGTERM / preemption): saved step %d, exiting", step)
+        break
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return last
