@@ -28,9 +28,22 @@ def _pretrain(argv: List[str]) -> None:
 
   def main(_):
     from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
+    _quiet_libraries()
     loop.pretrain(flags.FLAGS.config, flags.FLAGS.workdir, max_steps=flags.FLAGS.max_steps)
 
   app.run(main, argv=["w2v2 pretrain"] + argv)
+
+
+class _DropChatter(logging.Filter):
+  """Orbax logs every step of every save at INFO through absl; keep its warnings and errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _quiet_libraries() -> None:
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_DropChatter())
 
 
 def _manifest(argv: List[str]) -> None:

@@ -104,7 +104,7 @@ def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   chance = math.log(model_cfg.num_negatives + model_cfg.cross_sample_negatives + 1)
 
   writer = metrics_lib.MetricsWriter(workdir, total_steps=total, log_every=config.train.log_every,
-                                     is_primary=jax.process_index() == 0)
+                                     is_primary=jax.process_index() == 0, initial_step=start)
   averager = metrics_lib.Averager(sum_keys=("audio_samples",) + pipeline.STAT_KEYS)
   last: Dict[str, float] = {}
   step = start
