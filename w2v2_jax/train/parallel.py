@@ -83,10 +83,19 @@ class DataParallel:
   def put_state(self, state: Any) -> Any:
     """Host (or single-device) state -> replicated state on every device."""
     if self.mode == "shard_map":
-      return jax.device_put(state, self._replicated)
+      return jax.tree_util.tree_map(self._global_replicated, state)
     n = len(self.local_devices)
     stacked = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), state)
     return self._replicate(stacked)
+
+  def _global_replicated(self, x: Any) -> jax.Array:
+    """A host value (identical on every process) -> an array replicated over the whole mesh, which
+    `device_put` cannot build across processes."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = self._global_replicated(jax.random.key_data(x))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, self._replicated, lambda index: value[index])
 
   def get_state(self, state: Any) -> Any:
     """Replicated state -> one copy (still on device; `jax.device_get` it for the host)."""
