@@ -63,13 +63,20 @@ def max_diff(a, b):
              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-def test_eight_devices_match_one_device_and_pmap_matches_shard_map():
+@pytest.fixture(scope="module")
+def layouts():
+  """The same 2 updates on 1 device, on 8 devices (shard_map) and on 8 devices (pmap)."""
   assert jax.device_count() == 8
   cfg = tiny()
   batch = make_batch(1, 8, pad_last=1500)
-  one, h1, dp1 = run(cfg, batch, "shard_map", jax.devices()[:1])
-  eight, h8, dp8 = run(cfg, batch, "shard_map", jax.devices())
-  pm, hp, dpp = run(cfg, batch, "pmap", jax.devices())
+  return cfg, {"one": run(cfg, batch, "shard_map", jax.devices()[:1]),
+               "eight": run(cfg, batch, "shard_map", jax.devices()),
+               "pmap": run(cfg, batch, "pmap", jax.devices())}
+
+
+def test_eight_devices_match_one_device_and_pmap_matches_shard_map(layouts):
+  cfg, runs = layouts
+  (one, h1, dp1), (eight, h8, dp8), (pm, hp, dpp) = runs["one"], runs["eight"], runs["pmap"]
   for a, b in ((h1, h8), (h8, hp)):
     for ma, mb in zip(a, b):
       for key in ("loss", "contrastive", "diversity", "feature_pen", "accuracy", "prob_perplexity"):
@@ -83,22 +90,21 @@ def test_eight_devices_match_one_device_and_pmap_matches_shard_map():
   assert int(one["step"]) == 2 and int(one["skipped"]) == 0
 
 
-def test_metrics_are_global_statistics():
-  cfg = tiny()
-  batch = make_batch(1, 8)
-  _, hist, _ = run(cfg, batch, "shard_map", jax.devices(), steps=1)
-  m = hist[0]
+def test_metrics_are_global_statistics(layouts):
+  cfg, runs = layouts
+  m = runs["eight"][1][0]
   frames = cfg.num_frames(6400)
-  # Every row has the same masked count (require_same_masks), ~49% of 19 frames at mask_length 4.
+  # Every row has the same masked count (require_same_masks); the padded row has 1500 fewer samples.
+  valid = 7 * frames + cfg.num_frames(6400 - 1500)
   assert m["sample_size"] % 8 == 0 and 0.2 < m["masked_fraction"] < 0.8
-  assert m["sample_size"] == pytest.approx(m["masked_fraction"] * 8 * frames)
+  assert m["sample_size"] == pytest.approx(m["masked_fraction"] * valid)
   # Loss identity: total = contrastive + w_div * diversity + w_pen * pen (all per masked frame).
   assert m["loss"] == pytest.approx(m["contrastive"] + cfg.diversity_weight * m["diversity"]
                                     + cfg.feature_pen_weight * m["feature_pen"], rel=1e-5)
   assert m["diversity"] == pytest.approx((cfg.num_codevectors - m["prob_perplexity"]) / cfg.num_codevectors,
                                          rel=1e-5)
   assert m["temperature"] == pytest.approx(2.0) and m["lr"] == pytest.approx(0.0)   # step 0 of warmup
-  assert m["audio_samples"] == 8 * 6400
+  assert m["audio_samples"] == 8 * 6400 - 1500
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -131,9 +137,8 @@ def test_non_finite_update_is_skipped_and_counted():
   assert int(finite["skipped"]) == 0 and max_diff(finite["params"], params) > 0
 
 
-def test_new_batch_shape_compiles_once_more_and_bad_batch_is_rejected():
-  cfg = tiny()
-  _, _, dp = run(cfg, make_batch(1, 8), "shard_map", jax.devices(), steps=1)
+def test_bad_batch_is_rejected(layouts):
+  dp = layouts[1]["eight"][2]
   with pytest.raises(ValueError, match="multiple of the 8 local devices"):
     dp.put_batch(make_batch(1, 6))
   with pytest.raises(ValueError, match="parallel.mode='ddp'"):
