@@ -49,7 +49,7 @@ def make_source(config: Any):
     return as_source(data.train_manifest)
   if data.tfds_name:
     from w2v2_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
-    return TfdsSource(data.tfds_name, data.tfds_split, data_dir=data.tfds_data_dir or None,
+    return TfdsSource(data.tfds_split, name=data.tfds_name, data_dir=data.tfds_data_dir or None,
                       manual_dir=data.tfds_manual_dir or None)
   raise ValueError("no training data: set data.train_manifest (a .tsv from `w2v2 manifest`) or data.tfds_name")
 
