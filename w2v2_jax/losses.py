@@ -221,7 +221,7 @@ def ctc(logits, frame_padding_mask, labels, label_padding_mask, blank_id=0, zero
     averaging divides ``loss`` by this; fairseq divides by the batch size,
     i.e. also counts zeroed ones: add ``num_infinite``); ``num_infinite``
     float32, impossible utterances; ``num_label_tokens`` float32, valid
-    labels in the batch.
+    labels in the batch; ``infinite`` (B,) bool, which utterances were impossible.
   """
   logits = jnp.asarray(logits).astype(jnp.float32)
   batch, frames, _ = logits.shape
@@ -254,4 +254,5 @@ def ctc(logits, frame_padding_mask, labels, label_padding_mask, blank_id=0, zero
     "num_utterances": jnp.sum(counted).astype(jnp.float32),
     "num_infinite": jnp.sum(impossible).astype(jnp.float32),
     "num_label_tokens": jnp.sum(num_labels).astype(jnp.float32),
+    "infinite": impossible,
   }

@@ -16,6 +16,7 @@ extra terms are weighted by its share of S.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Tuple
 
 import jax
@@ -159,6 +160,72 @@ def pretrain_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
       "lr": jnp.asarray(lr_schedule(updates_done), jnp.float32),
       "masked_fraction": jnp.sum(sample_size) / jnp.maximum(jnp.sum(valid_frames), 1.0),
       "sample_size": jnp.sum(sample_size),
+      "audio_samples": jax.lax.psum(jnp.sum(~padding).astype(jnp.float32), axis_name),
+      **update_stats,
+  }
+  return new_state, metrics
+
+
+def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.GradientTransformation,
+                  lr_schedule: Callable, freeze_updates: int = 0, blank_id: int = 0,
+                  axis_name: str = "data") -> Tuple[State, Dict[str, jnp.ndarray]]:
+  """One CTC fine-tuning update on this device's shard.
+
+  batch: `audio` (A, b, L) float32, `padding_mask` (A, b, L) bool, `labels` (A, b, N) int32,
+  `label_padding` (A, b, N) bool, `weight` (A, b) float32 (1 = the utterance counts; 0 = a row the
+  data pipeline could not use, e.g. an empty or out-of-vocabulary transcript, kept only for the shape).
+
+  The loss is sentence-averaged as fairseq's: the sum of per-utterance CTC losses over the update
+  divided by the global number of utterances; infinite losses (labels longer than the frames) are
+  zeroed and counted. For the first `freeze_updates` applied updates only the output layer trains:
+  the backbone's params are behind `stop_gradient`, so no backward pass runs through it (and its
+  Adam moments stay zero). The conv encoder is frozen by the model config (feature_grad_mult=0).
+  Masks (time and channel) and dropout are drawn per device by the model in training mode.
+  """
+  audio, padding = batch["audio"], batch["padding_mask"]
+  labels, label_padding, weight = batch["labels"], batch["label_padding"], batch["weight"]
+  num_micro = audio.shape[0]
+  step_key = jax.random.fold_in(state["rng"], state["step"])
+  device_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
+  updates_done = state["step"] - state["skipped"]
+  utterances = jnp.maximum(jax.lax.psum(jnp.sum(weight), axis_name), 1.0)
+
+  def micro_loss(params, a, frozen: bool):
+    if frozen:
+      params = dict(params, wav2vec2=jax.lax.stop_gradient(params["wav2vec2"]))
+    key = jax.random.fold_in(device_key, a)
+    out = module.apply({"params": params}, audio[a], padding[a], deterministic=False,
+                       rngs={"mask": jax.random.fold_in(key, _MASK), "dropout": jax.random.fold_in(key, _DROPOUT),
+                             "layerdrop": jax.random.fold_in(key, _LAYERDROP)})
+    ctc = losses.ctc(out["logits"], out["frame_padding_mask"], labels[a], label_padding[a], blank_id=blank_id)
+    per_utt = ctc["per_utterance"] * weight[a]
+    infinite = jnp.sum(jnp.where(weight[a] > 0, ctc["infinite"], False)).astype(jnp.float32)
+    return jnp.sum(per_utt) / utterances, {"loss_sum": jnp.sum(per_utt), "infinite": infinite}
+
+  def grads_for(frozen: bool):
+    def run(params):
+      grad_fn = jax.grad(functools.partial(micro_loss, frozen=frozen), has_aux=True)
+      grads, aux = grad_fn(params, 0)
+      for a in range(1, num_micro):
+        g, x = grad_fn(params, a)
+        grads = jax.tree_util.tree_map(jnp.add, grads, g)
+        aux = jax.tree_util.tree_map(jnp.add, aux, x)
+      return grads, aux
+    return run
+
+  if freeze_updates > 0:
+    grads, aux = jax.lax.cond(updates_done < freeze_updates, grads_for(True), grads_for(False), state["params"])
+  else:
+    grads, aux = grads_for(False)(state["params"])
+  grads = jax.lax.psum(grads, axis_name)
+  new_state, update_stats = apply_gradients(state, grads, tx)
+  sums = jax.lax.psum(aux, axis_name)
+  metrics = {
+      "loss": sums["loss_sum"] / utterances,
+      "infinite_losses": sums["infinite"],
+      "utterances": utterances,
+      "frozen": (updates_done < freeze_updates).astype(jnp.float32),
+      "lr": jnp.asarray(lr_schedule(updates_done), jnp.float32),
       "audio_samples": jax.lax.psum(jnp.sum(~padding).astype(jnp.float32), axis_name),
       **update_stats,
   }

@@ -1,0 +1,85 @@
+"""The data-parallel CTC fine-tuning step: freezing, sentence averaging, layouts, impossible labels."""
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+
+from w2v2_jax import models
+from w2v2_jax.models import presets
+from w2v2_jax.train import optimizer, parallel, schedules
+from w2v2_jax.train import step as train_step
+
+OPTIM = ml_collections.ConfigDict(dict(lr=2e-3, schedule="constant", b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0,
+                                       clip_norm=0.0))
+CFG = presets.get("tiny,ctc").replace(vocab_size=8, dropout=0.0, attention_dropout=0.0, dropout_input=0.0,
+                                      activation_dropout=0.0, mask_prob=0.0, feature_grad_mult=0.0)
+
+
+def batch(rows=8, samples=6400, seed=0):
+  rng = np.random.default_rng(seed)
+  audio = rng.standard_normal((1, rows, samples)).astype(np.float32)
+  labels = rng.integers(1, 8, (1, rows, 6)).astype(np.int32)
+  label_padding = np.zeros(labels.shape, bool)
+  label_padding[0, :, 4:] = True                  # 4 labels per utterance
+  weight = np.ones((1, rows), np.float32)
+  weight[0, -1] = 0.0                             # a row the pipeline could not use
+  return {"audio": audio, "padding_mask": np.zeros(audio.shape, bool), "labels": labels,
+          "label_padding": label_padding, "weight": weight}
+
+
+def run(devices, data, steps, freeze=0):
+  module = models.build(CFG)
+  tx = optimizer.make(OPTIM, 100)
+  params = jax.device_get(jax.jit(lambda r: module.init(r, np.zeros((1, 6400), np.float32))["params"])(
+      {"params": jax.random.PRNGKey(0)}))
+  fn = functools.partial(train_step.finetune_step, module=module, tx=tx,
+                         lr_schedule=schedules.learning_rate(OPTIM, 100), freeze_updates=freeze)
+  runner = parallel.DataParallel(fn, "shard_map", devices)
+  state = runner.put_state(train_step.init_state(params, tx, jax.random.key(0)))
+  history, snapshots = [], [params]
+  for _ in range(steps):
+    state, m = runner.step(state, runner.put_batch(data))
+    history.append({k: float(v) for k, v in m.items()})
+    snapshots.append(jax.device_get(runner.get_state(state)["params"]))
+  return history, snapshots
+
+
+def changed(a, b):
+  return any(np.any(x != y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_freeze_then_train_everything_but_the_conv_encoder():
+  hist, snaps = run(jax.devices()[:1], batch(), steps=4, freeze=2)
+  assert [h["frozen"] for h in hist] == [1.0, 1.0, 0.0, 0.0]
+  assert not changed(snaps[0]["wav2vec2"], snaps[2]["wav2vec2"])       # frozen: backbone untouched
+  assert changed(snaps[0]["proj"], snaps[1]["proj"])                   # ... but the head trains
+  assert changed(snaps[2]["wav2vec2"]["encoder"], snaps[4]["wav2vec2"]["encoder"])
+  assert not changed(snaps[0]["wav2vec2"]["feature_extractor"], snaps[4]["wav2vec2"]["feature_extractor"])
+  assert hist[-1]["loss"] < hist[0]["loss"]                            # overfits the fixed batch
+  assert hist[0]["utterances"] == 7.0                                  # the weight-0 row is not counted
+
+
+def test_eight_devices_match_one_device():
+  data = batch()
+  h1, s1 = run(jax.devices()[:1], data, steps=2)
+  h8, s8 = run(jax.devices(), data, steps=2)
+  np.testing.assert_allclose([h["loss"] for h in h1], [h["loss"] for h in h8], rtol=1e-5)
+  flat1 = jax.tree_util.tree_leaves_with_path(s1[-1])
+  flat8 = jax.tree_util.tree_leaves(s8[-1])
+  for (path, x), y in zip(flat1, flat8):
+    if "k_proj" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
+      # Softmax ignores a shift shared by all keys: this gradient is 0 up to float noise, which Adam
+      # (eps 1e-8) turns into updates of random sign. Nothing to compare.
+      continue
+    # Adam with eps 1e-8 turns float noise in near-zero gradients into visible update differences;
+    # 1e-4 is 5% of one update (lr 2e-3).
+    np.testing.assert_allclose(x, y, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_impossible_labels_are_zeroed_and_counted():
+  data = batch(samples=1600)                     # 4 frames: 4 labels with a repeat cannot align
+  data["labels"][0, 0, :4] = [3, 3, 5, 6]
+  data["labels"][0, 1, :4] = [1, 2, 3, 4]        # exactly fits 4 frames
+  hist, _ = run(jax.devices()[:1], data, steps=1)
+  assert hist[0]["infinite_losses"] >= 1.0 and np.isfinite(hist[0]["loss"]) and np.isfinite(hist[0]["grad_norm"])
