@@ -12,6 +12,8 @@ $(PY):
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -e '.[test]'
+	# pyctcdecode pins numpy<2 in every release (jax needs numpy>=2) but runs with it: no deps.
+	$(PY) -m pip install --no-deps pyctcdecode pygtrie
 	touch $(STAMP)
 
 install: $(STAMP)

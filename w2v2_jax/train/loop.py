@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -60,38 +60,35 @@ def _host_params(module, cfg: ModelConfig, seed: int, num_samples: int):
   return jax.device_get(init(rngs))
 
 
-def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> Dict[str, float]:
-  """Runs (or resumes) pretraining until config.train.steps (or `max_steps` updates in this call).
-
-  Returns the last logged metrics.
-  """
-  parallel.initialize_distributed()
-  model_cfg = ModelConfig.from_any(config.model).replace(task="pretrain")
-  module = models.build(model_cfg)
-  total = int(config.train.steps)
-  geometry = batch_geometry(config, jax.device_count())
-  log.info("model: %s; %d devices on %d processes; global micro-batch %d samples x %d accumulation",
-           model_cfg.extractor_mode, jax.device_count(), jax.process_count(), geometry["batch_samples"],
-           geometry["accumulate"])
-
+def _make_iterator(config: Any, source, geometry: Dict[str, int], mode: str):
   data = config.data
-  iterator = pipeline.make_iterator(
-      make_source(config), buckets=tuple(data.buckets), batch_samples=geometry["batch_samples"],
+  return pipeline.make_iterator(
+      source, buckets=tuple(data.buckets), batch_samples=geometry["batch_samples"],
       min_sample_size=data.min_sample_size, max_sample_size=data.max_sample_size,
-      multiple_of=jax.device_count(), accumulate=geometry["accumulate"], mode="crop", seed=data.seed,
+      multiple_of=jax.device_count(), accumulate=geometry["accumulate"], mode=mode, seed=data.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       sample_rate=data.sample_rate, normalize=data.normalize, num_threads=data.num_threads,
       prefetch=data.prefetch)
 
-  tx = optimizer.make(config.optim, total)
-  step_fn = functools.partial(train_step.pretrain_step, module=module, tx=tx,
-                              lr_schedule=schedules.learning_rate(config.optim, total),
-                              latent_temp=tuple(config.train.latent_temp))
+
+def _config_json(config: Any) -> str:
+  return config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else json.dumps(config)
+
+
+def _run(config: Any, workdir: str, *, step_fn: Callable, params: Any, tx, iterator, to_step_batch: Callable,
+         max_steps: Optional[int], sum_keys: Tuple[str, ...], decorate: Callable = lambda values: None,
+         after_step: Callable = lambda step, state, runner: None) -> Dict[str, float]:
+  """The shared training loop: resume, step, log, checkpoint, stop on preemption.
+
+  to_step_batch(batch) -> (arrays for the step, host stats dict); decorate(values) adds derived logged
+  values in place; after_step(step, state, runner) runs after each update (e.g. validation).
+  """
+  total = int(config.train.steps)
+  data = config.data
   runner = parallel.DataParallel(step_fn, config.parallel.mode)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                  save_every=config.train.checkpoint_every)
-  state = train_step.init_state(_host_params(module, model_cfg, config.train.seed, min(data.buckets)), tx,
-                                jax.random.key(config.train.seed))
+  state = train_step.init_state(params, tx, jax.random.key(config.train.seed))
   start = 0
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(state_template=state)
@@ -100,9 +97,7 @@ def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
     start = int(jax.device_get(state["step"]))
     log.info("resumed from step %d in %s", start, workdir)
   state = runner.put_state(state)
-  config_json = config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else json.dumps(config)
-  chance = math.log(model_cfg.num_negatives + model_cfg.cross_sample_negatives + 1)
-
+  config_json = _config_json(config)
   writer = metrics_lib.MetricsWriter(workdir, total_steps=total, log_every=config.train.log_every,
                                      is_primary=jax.process_index() == 0, initial_step=start)
   averager = metrics_lib.Averager(sum_keys=("audio_samples",) + pipeline.STAT_KEYS)
@@ -112,8 +107,8 @@ def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   with checkpoint.PreemptionGuard() as guard:
     while step < stop_at:
       batch = next(iterator)
-      stats = batch["stats"]
-      state, step_metrics = runner.step(state, runner.put_batch({k: batch[k] for k in STEP_KEYS}))
+      arrays, stats = to_step_batch(batch)
+      state, step_metrics = runner.step(state, runner.put_batch(arrays))
       step += 1
       averager.add({**step_metrics, **{f"data/{k}": v for k, v in stats.items()}})
       if step == start + 1:
@@ -122,11 +117,10 @@ def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
       if writer.should_write(step) and averager.count:
         values = averager.result()
         audio_seconds = values.pop("audio_samples") / data.sample_rate
-        for k in ("loss", "contrastive"):
-          values[f"{k}_bits"] = values[k] / LN2
-        values["chance_bits"] = chance / LN2
+        decorate(values)
         writer.write(step, values, audio_seconds=audio_seconds)
         last = values
+      after_step(step, state, runner)
       stopping = guard.should_stop(step)
       if ckpt.should_save(step) or stopping or step == stop_at:
         ckpt.save(step, runner.get_state(state), iterator.get_state(), config_json, force=True)
@@ -137,3 +131,33 @@ def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   ckpt.close()
   writer.close()
   return last
+
+
+def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> Dict[str, float]:
+  """Runs (or resumes) pretraining until config.train.steps (or `max_steps` updates in this call).
+
+  Returns the last logged metrics.
+  """
+  parallel.initialize_distributed()
+  model_cfg = ModelConfig.from_any(config.model).replace(task="pretrain")
+  module = models.build(model_cfg)
+  total = int(config.train.steps)
+  geometry = batch_geometry(config, jax.device_count())
+  log.info("pretraining: %d devices on %d processes; global micro-batch %d samples x %d accumulation",
+           jax.device_count(), jax.process_count(), geometry["batch_samples"], geometry["accumulate"])
+  iterator = _make_iterator(config, make_source(config), geometry, mode="crop")
+  tx = optimizer.make(config.optim, total)
+  step_fn = functools.partial(train_step.pretrain_step, module=module, tx=tx,
+                              lr_schedule=schedules.learning_rate(config.optim, total),
+                              latent_temp=tuple(config.train.latent_temp))
+  chance = math.log(model_cfg.num_negatives + model_cfg.cross_sample_negatives + 1)
+
+  def decorate(values):
+    for k in ("loss", "contrastive"):
+      values[f"{k}_bits"] = values[k] / LN2
+    values["chance_bits"] = chance / LN2
+
+  return _run(config, workdir, step_fn=step_fn, tx=tx, iterator=iterator,
+              params=_host_params(module, model_cfg, config.train.seed, min(config.data.buckets)),
+              to_step_batch=lambda b: ({k: b[k] for k in STEP_KEYS}, b["stats"]), max_steps=max_steps,
+              sum_keys=(), decorate=decorate)
