@@ -1,6 +1,9 @@
 """The `w2v2` command: one entry point, one subcommand per job.
 
   w2v2 pretrain --config=configs/pretrain.py:base --workdir=DIR [--config.train.steps=1000 ...]
+  w2v2 finetune --config=configs/finetune.py:base_10m --workdir=DIR --config.init=PRETRAINED
+  w2v2 evaluate --checkpoint CKPT --data MANIFEST.tsv [--lm ARPA_OR_BIN]
+  w2v2 transcribe FILE... --checkpoint CKPT [--json]
   w2v2 manifest --root DIR --out DIR [--valid-percent 0.01] [--ext flac,wav]
   w2v2 convert SRC OUT_DIR            (Hugging Face dir or fairseq .pt -> Hugging Face dir)
 
@@ -13,10 +16,10 @@ import logging
 import sys
 from typing import List, Optional
 
-COMMANDS = ("pretrain", "manifest", "convert")
+COMMANDS = ("pretrain", "finetune", "evaluate", "transcribe", "manifest", "convert")
 
 
-def _pretrain(argv: List[str]) -> None:
+def _pretrain(argv: List[str], job: str = "pretrain") -> None:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
@@ -29,9 +32,9 @@ def _pretrain(argv: List[str]) -> None:
   def main(_):
     from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
     _quiet_libraries()
-    loop.pretrain(flags.FLAGS.config, flags.FLAGS.workdir, max_steps=flags.FLAGS.max_steps)
+    getattr(loop, job)(flags.FLAGS.config, flags.FLAGS.workdir, max_steps=flags.FLAGS.max_steps)
 
-  app.run(main, argv=["w2v2 pretrain"] + argv)
+  app.run(main, argv=[f"w2v2 {job}"] + argv)
 
 
 class _DropChatter(logging.Filter):
@@ -76,6 +79,16 @@ def _convert(argv: List[str]) -> None:
   print(f"wrote {args.out_dir} ({cfg.task})")
 
 
+def _evaluate(argv: List[str]) -> None:
+  from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
+  inference.main_evaluate(argv)
+
+
+def _transcribe(argv: List[str]) -> None:
+  from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
+  inference.main_transcribe(argv)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -84,7 +97,9 @@ def main(argv: Optional[List[str]] = None) -> None:
       sys.exit(f"w2v2: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
     return
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  {"pretrain": _pretrain, "manifest": _manifest, "convert": _convert}[argv[0]](argv[1:])
+  jobs = {"pretrain": _pretrain, "finetune": lambda a: _pretrain(a, "finetune"), "manifest": _manifest,
+          "convert": _convert, "evaluate": _evaluate, "transcribe": _transcribe}
+  jobs[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

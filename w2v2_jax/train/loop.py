@@ -100,7 +100,7 @@ def _run(config: Any, workdir: str, *, step_fn: Callable, params: Any, tx, itera
   config_json = _config_json(config)
   writer = metrics_lib.MetricsWriter(workdir, total_steps=total, log_every=config.train.log_every,
                                      is_primary=jax.process_index() == 0, initial_step=start)
-  averager = metrics_lib.Averager(sum_keys=("audio_samples",) + pipeline.STAT_KEYS)
+  averager = metrics_lib.Averager(sum_keys=("audio_samples",) + pipeline.STAT_KEYS + tuple(sum_keys))
   last: Dict[str, float] = {}
   step = start
   stop_at = total if max_steps is None else min(total, start + max_steps)
@@ -161,3 +161,188 @@ def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
               params=_host_params(module, model_cfg, config.train.seed, min(config.data.buckets)),
               to_step_batch=lambda b: ({k: b[k] for k in STEP_KEYS}, b["stats"]), max_steps=max_steps,
               sum_keys=(), decorate=decorate)
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+# Fields that define the architecture: taken from the pretrained model when fine-tuning from one.
+ARCHITECTURE = ("conv_layers", "extractor_mode", "conv_bias", "encoder_embed_dim", "encoder_layers",
+                "encoder_ffn_embed_dim", "encoder_attention_heads", "layer_norm_first", "conv_pos",
+                "conv_pos_groups", "layer_norm_eps")
+
+
+def load_pretrained(path: str) -> Tuple[ModelConfig, Any]:
+  """(model config, backbone params) from one of our pretraining run directories, a Hugging Face
+  directory or a fairseq checkpoint (.pt)."""
+  import os  # pylint: disable=import-outside-toplevel
+  from w2v2_jax import convert  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR)):
+    from orbax import checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    ckpt = checkpoint.Checkpointer(path)
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f"init={path!r}: no complete checkpoint under {path}/{checkpoint.CHECKPOINT_DIR}")
+    saved = ckpt.restore_config(step)
+    ckpt.close()
+    cfg = ModelConfig.from_any(saved["model"])
+    state = ocp.StandardCheckpointer().restore(os.path.join(path, checkpoint.CHECKPOINT_DIR, str(step), "state"))
+    return cfg, jax.device_get(state["params"]["wav2vec2"])
+  if os.path.isdir(path):
+    cfg, params = convert.from_hf(path)
+    return cfg, params["wav2vec2"]
+  if os.path.isfile(path):
+    cfg, params = convert.from_fairseq(path)
+    return cfg, params["wav2vec2"]
+  raise ValueError(f"init={path!r} is neither a run directory, a Hugging Face directory nor a checkpoint file")
+
+
+TEXT_STATS = ("text_empty", "text_oov", "text_too_long")   # transcripts the step weights out
+
+
+def load_vocabulary(spec: str):
+  from w2v2_jax.data.text import Vocabulary  # pylint: disable=import-outside-toplevel
+  if not spec:
+    return Vocabulary.default_letters()
+  return Vocabulary.from_hf_vocab(spec) if spec.endswith(".json") else Vocabulary.from_fairseq_dict(spec)
+
+
+def finetune_model_config(config: Any, vocab_size: int) -> Tuple[ModelConfig, Any]:
+  """The CTC model config (architecture from config.init when given, regularisation from config.model)
+  and the pretrained backbone params (None without init)."""
+  cfg = ModelConfig.from_any(config.model)
+  backbone = None
+  if config.init:
+    pretrained, backbone = load_pretrained(config.init)
+    cfg = cfg.replace(**{k: getattr(pretrained, k) for k in ARCHITECTURE})
+  return cfg.replace(task="ctc", vocab_size=vocab_size), backbone
+
+
+class Validator:
+  """Greedy-decoding WER/CER on a labeled manifest, with bucketed static shapes."""
+
+  def __init__(self, module, manifest: str, label: str, vocab, buckets, batch_samples: int):
+    from w2v2_jax.data.source import ManifestSource  # pylint: disable=import-outside-toplevel
+    self.source = ManifestSource(manifest, label=label)
+    self.label, self.vocab, self.module = label, vocab, module
+    self.buckets = sorted(int(b) for b in buckets)
+    self.batch_samples = int(batch_samples)
+    self._forward = jax.jit(lambda p, a, m: module.apply({"params": p}, a, m))
+
+  def __call__(self, params) -> Dict[str, float]:
+    from w2v2_jax import decode, evaluate  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.data.audio import AudioError  # pylint: disable=import-outside-toplevel
+    from w2v2_jax.data.text import ltr_to_words  # pylint: disable=import-outside-toplevel
+    refs, hyps, skipped = [], [], 0
+    items = []
+    for i in np.argsort(self.source.sizes):
+      try:
+        example = self.source.load(int(i), sample_rate=16000, normalize=False)
+      except AudioError as err:
+        log.warning("validation: skipping %s: %s", self.source.describe(int(i)), err)
+        skipped += 1
+        continue
+      text = ltr_to_words(example.label) if self.label == "ltr" else example.label
+      if not self.vocab.normalize(text).strip():
+        skipped += 1
+        continue
+      items.append((example.audio, text))
+    batch: list = []
+    def flush():
+      if not batch:
+        return
+      longest = max(len(a) for a, _ in batch)
+      length = next((b for b in self.buckets if b >= longest), int(math.ceil(longest / 16000) * 16000))
+      audio = np.zeros((len(batch), length), np.float32)
+      pad = np.ones((len(batch), length), bool)
+      for row, (a, _) in enumerate(batch):
+        audio[row, :len(a)] = a
+        pad[row, :len(a)] = False
+      out = self._forward(params, audio, pad)
+      hyps.extend(decode.greedy_text(out["logits"], out["frame_padding_mask"], self.vocab))
+      refs.extend(self.vocab.normalize(t) for _, t in batch)
+      batch.clear()
+    for audio, text in items:
+      if batch and (len(batch) + 1) * max(len(audio), max(len(a) for a, _ in batch)) > self.batch_samples:
+        flush()
+      batch.append((audio, text))
+    flush()
+    if not refs:
+      return {"valid/skipped": float(skipped)}
+    return {"valid/wer": float(evaluate.wer(refs, hyps)), "valid/cer": float(evaluate.cer(refs, hyps)),
+            "valid/utterances": float(len(refs)), "valid/skipped": float(skipped)}
+
+
+def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> Dict[str, float]:
+  """Runs (or resumes) CTC fine-tuning. The best model by validation WER is exported as a Hugging Face
+  directory (config.json, model.safetensors, vocab.json) to `<workdir>/export`."""
+  import os  # pylint: disable=import-outside-toplevel
+  from w2v2_jax import convert  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.data.source import ManifestSource  # pylint: disable=import-outside-toplevel
+  parallel.initialize_distributed()
+  vocab = load_vocabulary(config.data.vocab)
+  model_cfg, backbone = finetune_model_config(config, len(vocab))
+  module = models.build(model_cfg)
+  params = _host_params(module, model_cfg, config.train.seed, min(config.data.buckets))
+  if backbone is not None:
+    expected = jax.tree_util.tree_map(np.shape, params["wav2vec2"])
+    if jax.tree_util.tree_map(np.shape, backbone) != expected:
+      raise ValueError(f"init={config.init!r}: its backbone does not match the model config")
+    params["wav2vec2"] = backbone
+  total = int(config.train.steps)
+  geometry = batch_geometry(config, jax.device_count())
+  label = config.data.label
+  if not config.data.train_manifest:
+    raise ValueError("no training data: set data.train_manifest (a .tsv with .ltr/.wrd labels beside it)")
+  iterator = _make_iterator(config, ManifestSource(config.data.train_manifest, label=label), geometry, mode="pad")
+  tx = optimizer.make(config.optim, total)
+  step_fn = functools.partial(train_step.finetune_step, module=module, tx=tx,
+                              lr_schedule=schedules.learning_rate(config.optim, total),
+                              freeze_updates=int(config.train.freeze_updates), blank_id=vocab.blank_id)
+
+  def to_step_batch(batch):
+    texts = batch["labels"]
+    num_micro, rows, length = batch["audio"].shape
+    width = model_cfg.num_frames(length)
+    encoded = vocab.encode_batch([str(t) for t in texts.reshape(-1)], max_len=width, ltr=label == "ltr")
+    stats = dict(batch["stats"])
+    for reason, count in encoded.counts().items():
+      if reason != "ok":
+        stats[f"text_{reason}"] = count
+    weight = encoded.valid.astype(np.float32)
+    arrays = {"audio": batch["audio"], "padding_mask": batch["padding_mask"],
+              "labels": encoded.labels.reshape(num_micro, rows, width),
+              "label_padding": encoded.label_padding.reshape(num_micro, rows, width),
+              "weight": weight.reshape(num_micro, rows)}
+    return arrays, {k: stats.get(k, 0) for k in pipeline.STAT_KEYS + TEXT_STATS}
+
+  validator = None
+  if config.data.valid_manifest:
+    validator = Validator(module, config.data.valid_manifest, label, vocab, config.data.buckets,
+                          int(config.batch.device_seconds * config.data.sample_rate))
+  best_path = os.path.join(workdir, "best.json")
+  best = {"wer": math.inf}
+  if os.path.exists(best_path):
+    best = json.load(open(best_path))
+  export_dir = os.path.join(workdir, "export")
+
+  def after_step(step, state, runner):
+    if not validator or (step % int(config.train.eval_every) and step != total):
+      return
+    params_now = jax.device_get(runner.get_state(state)["params"])
+    if jax.process_count() > 1:
+      params_now = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), runner.get_state(state)["params"])
+    result = validator(params_now)
+    log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "valid.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **result}) + "\n")
+      if result.get("valid/wer", math.inf) < best["wer"]:
+        best.update(wer=result["valid/wer"], cer=result["valid/cer"], step=step)
+        convert.to_hf(model_cfg, params_now, export_dir)
+        vocab.to_hf_vocab(os.path.join(export_dir, "vocab.json"))
+        with open(best_path, "w") as f:
+          json.dump(best, f)
+        log.info("new best WER %.4f at step %d: exported to %s", best["wer"], step, export_dir)
+
+  os.makedirs(workdir, exist_ok=True)
+  return _run(config, workdir, step_fn=step_fn, tx=tx, iterator=iterator, params=params,
+              to_step_batch=to_step_batch, max_steps=max_steps, sum_keys=TEXT_STATS, after_step=after_step)

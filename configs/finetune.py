@@ -1,0 +1,78 @@
+"""CTC fine-tuning configs: the paper's BASE / LARGE settings per labeled split, and `tiny` for a CPU.
+
+Command:
+
+  w2v2 finetune --config=configs/finetune.py:base_10m --workdir=DIR --config.init=PRETRAINED \\
+      --config.data.train_manifest=train_10m.tsv --config.data.valid_manifest=dev_other.tsv
+
+PRETRAINED is one of our pretraining run directories, a Hugging Face directory or a fairseq .pt; the
+architecture comes from it, the regularisation below from the config. Labels are read from the .ltr
+(default) or .wrd file beside each .tsv; the vocabulary from data.vocab (a fairseq dict.ltr.txt or a
+HF vocab.json; default: the LibriSpeech letters). The best model by validation WER is exported as a
+Hugging Face directory to DIR/export (usable by `w2v2 evaluate` / `w2v2 transcribe` and transformers).
+
+Names: {base,large}_{10m,1h,10h,100h,960h} with the values of ../shared/RECIPE.md (fairseq's
+examples/wav2vec/config/finetuning; "large" = the LV-60k model). Batch: 1600 s of audio per update
+(fairseq's 8 x 3.2M samples for BASE). Expected outcome (paper, Table 1, no LM, test-clean/other):
+BASE 960 h 3.4 / 8.5; with the Transformer LM LARGE LV-60k reaches 4.8/8.2 (10 min) .. 1.8/3.3 (960 h).
+tiny: the tiny pretraining model fine-tuned on a few minutes of labeled audio on 2 CPU cores.
+"""
+import ml_collections
+
+from w2v2_jax.models import presets
+
+SAMPLE_RATE = 16000
+# split -> (lr, updates, mask_prob, mask_channel_prob, layerdrop, freeze_updates)
+RECIPE = {
+    "base_10m": (5e-5, 13000, 0.65, 0.25, 0.1, 10000),
+    "base_1h": (5e-5, 13000, 0.65, 0.25, 0.1, 10000),
+    "base_10h": (5e-5, 20000, 0.65, 0.5, 0.05, 10000),
+    "base_100h": (3e-5, 80000, 0.65, 0.5, 0.1, 0),
+    "base_960h": (1e-4, 320000, 0.5, 0.1, 0.1, 0),
+    "large_10m": (1e-4, 13000, 0.65, 0.25, 0.1, 10000),
+    "large_1h": (3e-4, 13000, 0.75, 0.25, 0.1, 10000),
+    "large_10h": (1e-4, 20000, 0.75, 0.25, 0.1, 10000),
+    "large_100h": (3e-5, 80000, 0.5, 0.5, 0.1, 10000),
+    "large_960h": (3e-5, 320000, 0.5, 0.25, 0.1, 10000),
+}
+
+
+def get_config(arg: str = "base_10m") -> ml_collections.ConfigDict:
+  if arg != "tiny" and arg not in RECIPE:
+    raise ValueError(f"unknown fine-tuning config {arg!r}; choose one of {sorted(RECIPE)} or tiny")
+  size = "tiny" if arg == "tiny" else ("base" if arg.startswith("base") else "large_lv60")
+  lr, updates, mask_prob, channel_prob, layerdrop, freeze = RECIPE.get(arg, (5e-4, 300, 0.3, 0.1, 0.0, 50))
+  model = presets.get(size).replace(
+      task="ctc", vocab_size=32, dropout=0.0, attention_dropout=0.0, activation_dropout=0.1, dropout_input=0.0,
+      dropout_features=0.0, final_dropout=0.0, encoder_layerdrop=layerdrop, feature_grad_mult=0.0,
+      mask_prob=mask_prob, mask_channel_prob=channel_prob, mask_channel_length=64)
+  c = ml_collections.ConfigDict()
+  c.init = ""                       # pretrained model: run dir, HF dir or fairseq .pt ("" = from scratch)
+  c.model = ml_collections.ConfigDict(model.to_dict())
+  c.data = ml_collections.ConfigDict(dict(
+      train_manifest="", valid_manifest="", label="ltr", vocab="", sample_rate=SAMPLE_RATE, normalize=False,
+      min_sample_size=0, max_sample_size=560000,
+      buckets=(80000, 160000, 240000, 320000, 400000, 560000),   # padded (never cropped) lengths
+      num_threads=8, prefetch=16, seed=0))
+  c.batch = ml_collections.ConfigDict(dict(global_seconds=3.2e6 * 8 / SAMPLE_RATE,
+                                           device_seconds=3.2e6 / SAMPLE_RATE))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=lr, schedule="tri_stage", warmup_fraction=0.1, hold_fraction=0.4, init_lr_scale=0.01,
+      final_lr_scale=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=0.0))
+  c.train = ml_collections.ConfigDict(dict(steps=updates, freeze_updates=freeze, seed=0, log_every=200,
+                                           eval_every=1000, checkpoint_every=1000, keep_checkpoints=3))
+  c.parallel = ml_collections.ConfigDict(dict(mode="shard_map"))
+  if size == "large_lv60":
+    c.data.normalize = True
+  if arg == "tiny":
+    c.model.mask_channel_length = 8
+    c.data.buckets = (16000, 32000, 48000)
+    c.data.max_sample_size = 48000
+    c.data.num_threads = 2
+    c.data.prefetch = 4
+    c.batch.global_seconds = 8.0
+    c.batch.device_seconds = 8.0
+    c.train.log_every = 10
+    c.train.eval_every = 50
+    c.train.checkpoint_every = 100
+  return c
