@@ -13,7 +13,9 @@ a multiple of `bucket_samples` (1 s by default), so a handful of shapes compile 
 utterances are. Padding is marked in the padding mask; the model ignores padded frames, except that
 the per-utterance GroupNorm of "default"-extractor models (BASE) computes its statistics over the
 padded length too (as fairseq and Hugging Face do in batched inference), so their logits move slightly
-with the bucket. Layer-norm-extractor models (LARGE LV-60k) give the same logits however they are padded.
+with the bucket and with the longest utterance of the batch (`batch_seconds=0`, one utterance per
+pass, and audio of whole buckets avoid that). Layer-norm-extractor models (LARGE LV-60k) give the same
+logits however they are padded and batched.
 
 Waveform normalisation (zero mean, unit variance per utterance) follows the checkpoint: a Hugging Face
 directory's preprocessor_config.json `do_normalize`; without one (and for fairseq checkpoints) the
@@ -26,14 +28,12 @@ import argparse
 import concurrent.futures
 import json
 import logging
-import math
 import os
-import sys
 import time
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from w2v2_jax import convert, decode
@@ -46,8 +46,8 @@ from w2v2_jax.models import ModelConfig, build
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Recognizer", "LongTranscript", "plan_batches", "evaluate", "open_labeled_source", "export_hf",
-           "main_evaluate", "main_transcribe"]
+__all__ = ["LongTranscript", "Recognizer", "evaluate", "export_hf", "main_evaluate", "main_transcribe",
+           "open_labeled_source", "plan_batches"]
 
 SAMPLE_RATE = 16000
 DEFAULT_BATCH_SECONDS = 64.0       # audio per forward pass, padding included
@@ -55,6 +55,8 @@ DEFAULT_BUCKET_SAMPLES = SAMPLE_RATE
 FRAME_BUCKET = 512                 # decoding pads frame counts to a multiple of this (few greedy compiles)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 FAIRSEQ_DICT = "dict.ltr.txt"
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
 EXPORT_DIRS = ("export", os.path.join("best", "export"))   # where a fine-tuning run keeps its HF export
 
 
@@ -70,7 +72,7 @@ def _bucketed(num_samples: int, bucket: int) -> int:
   return max(bucket, -(-int(num_samples) // bucket) * bucket)
 
 
-def plan_batches(lengths: Sequence[int], max_samples: int, bucket_samples: int) -> List[List[int]]:
+def plan_batches(lengths: Sequence[int], max_samples: int, bucket_samples: int) -> list[list[int]]:
   """Groups utterances (by index) into forward batches, longest first.
 
   Each batch holds a power-of-two number of utterances whose padded size (rows x the longest one's
@@ -91,7 +93,12 @@ def plan_batches(lengths: Sequence[int], max_samples: int, bucket_samples: int) 
   return batches
 
 
-def _read_do_normalize(directory: str) -> Optional[bool]:
+def _is_hf_dir(directory: str) -> bool:
+  return (os.path.isfile(os.path.join(directory, "config.json"))
+          and any(os.path.isfile(os.path.join(directory, name)) for name in HF_WEIGHT_FILES))
+
+
+def _read_do_normalize(directory: str) -> bool | None:
   path = os.path.join(directory, PREPROCESSOR_CONFIG)
   if not os.path.isfile(path):
     return None
@@ -116,7 +123,7 @@ class Recognizer:
   """
 
   def __init__(self, model_config: Any, params: Mapping[str, Any], vocab: Vocabulary, *,
-               normalize: Optional[bool] = None, bucket_samples: int = DEFAULT_BUCKET_SAMPLES):
+               normalize: bool | None = None, bucket_samples: int = DEFAULT_BUCKET_SAMPLES):
     cfg = ModelConfig.from_any(model_config)
     if cfg.task != "ctc":
       raise ValueError(f"Recognizer needs a CTC model, got task={cfg.task!r} (fine-tune it first)")
@@ -129,7 +136,7 @@ class Recognizer:
     self.sample_rate = SAMPLE_RATE
     self.normalize = (cfg.extractor_mode == "layer_norm") if normalize is None else bool(normalize)
     self.bucket_samples = max(int(bucket_samples), cfg.receptive_field)
-    self.params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params))
+    self.params = jax.device_put(params)
     self.compiled_shapes: set = set()     # (rows, samples) of the forward passes compiled so far
     module = build(cfg)
 
@@ -142,7 +149,7 @@ class Recognizer:
   # -- loading --------------------------------------------------------------------------------------
 
   @classmethod
-  def load(cls, path: str, **kwargs) -> "Recognizer":
+  def load(cls, path: str, **kwargs) -> Recognizer:
     """A Recognizer from `path`:
 
     - a Hugging Face Wav2Vec2ForCTC directory: config.json, weights (`convert.from_hf`), vocab.json
@@ -159,19 +166,19 @@ class Recognizer:
     path = os.fspath(path)
     if os.path.isdir(path):
       for candidate in (path,) + tuple(os.path.join(path, d) for d in EXPORT_DIRS):
-        if os.path.isfile(os.path.join(candidate, "config.json")):
+        if _is_hf_dir(candidate):
           return cls._load_hf(candidate, **kwargs)
       raise FileNotFoundError(
-          f"{path}: not a model directory: no config.json in it, nor in "
-          f"{' or '.join(os.path.join(path, d) for d in EXPORT_DIRS)} (a fine-tuning run writes export/ "
-          "when it saves its best checkpoint)")
+          f"{path}: not a model directory: no config.json with weights ({', '.join(HF_WEIGHT_FILES)}) in "
+          f"it, nor in {' or '.join(os.path.join(path, d) for d in EXPORT_DIRS)} (a fine-tuning run writes "
+          "export/ when it saves its best checkpoint)")
     if os.path.isfile(path):
       return cls._load_fairseq(path, **kwargs)
     raise FileNotFoundError(f"{path}: no such checkpoint (expected a Hugging Face directory, a fine-tuning "
                             f"run directory with export/, or a fairseq .pt)")
 
   @classmethod
-  def _load_hf(cls, directory: str, **kwargs) -> "Recognizer":
+  def _load_hf(cls, directory: str, **kwargs) -> Recognizer:
     vocab_path = os.path.join(directory, "vocab.json")
     if not os.path.isfile(vocab_path):
       raise FileNotFoundError(f"{directory}: no vocab.json (the CTC output symbols) next to config.json")
@@ -186,7 +193,7 @@ class Recognizer:
     return cls(cfg, params, vocab, **kwargs)
 
   @classmethod
-  def _load_fairseq(cls, path: str, **kwargs) -> "Recognizer":
+  def _load_fairseq(cls, path: str, **kwargs) -> Recognizer:
     dict_path = os.path.join(os.path.dirname(os.path.abspath(path)), FAIRSEQ_DICT)
     if not os.path.isfile(dict_path):
       raise FileNotFoundError(f"{path}: a fairseq checkpoint needs its fine-tuning dictionary {dict_path}")
@@ -271,15 +278,15 @@ class Recognizer:
     return self._run(batch, mask)
 
   def utterance_logits(self, audios: Sequence[Any], *, batch_seconds: float = DEFAULT_BATCH_SECONDS,
-                       chunk_seconds: Optional[float] = None, overlap_seconds: float = 2.0
-                       ) -> List[np.ndarray]:
+                       chunk_seconds: float | None = None, overlap_seconds: float = 2.0
+                       ) -> list[np.ndarray]:
     """Frame logits (T_i, V) float32 of each waveform's valid frames, in input order.
 
     Waveforms are batched by length (`plan_batches`, `batch_seconds` of padded audio per forward pass);
     ones longer than `chunk_seconds` (if given) go through `chunk_logits`.
     """
     prepared = [self.prepare(a) for a in audios]
-    out: List[Optional[np.ndarray]] = [None] * len(prepared)
+    out: list[np.ndarray | None] = [None] * len(prepared)
     for i in self._long_indices(prepared, chunk_seconds):
       out[i] = self._chunk_logits_prepared(prepared[i], chunk_seconds, overlap_seconds, batch_seconds)
     short = [i for i, o in enumerate(out) if o is None]
@@ -294,7 +301,7 @@ class Recognizer:
   def _batch_samples(self, batch_seconds: float) -> int:
     return max(int(batch_seconds * self.sample_rate), 1)
 
-  def _long_indices(self, prepared: Sequence[np.ndarray], chunk_seconds: Optional[float]) -> List[int]:
+  def _long_indices(self, prepared: Sequence[np.ndarray], chunk_seconds: float | None) -> list[int]:
     if not chunk_seconds:
       return []
     limit = chunk_seconds * self.sample_rate
@@ -302,14 +309,14 @@ class Recognizer:
 
   # -- decoding -------------------------------------------------------------------------------------
 
-  def _decode(self, logits, frame_padding, beam_width: int, lm_path: Optional[str], alpha: float,
-              beta: float) -> List[str]:
+  def _decode(self, logits, frame_padding, beam_width: int, lm_path: str | None, alpha: float,
+              beta: float) -> list[str]:
     if lm_path is not None and beam_width <= 1:
-      log.warning("an LM is used only by beam search: decoding with beam width 1")
+      log.warning("LM decoding with beam width 1 keeps a single prefix per frame: pass a wider beam")
     return decode.decode_batch(logits, frame_padding, self.vocab, beam_width=beam_width, lm_path=lm_path,
                                alpha=alpha, beta=beta)
 
-  def decode_frames(self, logits: np.ndarray, *, beam_width: int = 1, lm_path: Optional[str] = None,
+  def decode_frames(self, logits: np.ndarray, *, beam_width: int = 1, lm_path: str | None = None,
                     alpha: float = 0.5, beta: float = 1.5) -> str:
     """One utterance's frame logits (T, V) -> transcript (greedy, or beam search for beam_width > 1)."""
     logits = np.asarray(logits, np.float32)
@@ -321,8 +328,8 @@ class Recognizer:
     return self._decode(full, pad, beam_width, lm_path, alpha, beta)[0]
 
   def transcribe(self, audios: Sequence[Any], *, batch_seconds: float = DEFAULT_BATCH_SECONDS,
-                 beam_width: int = 1, lm_path: Optional[str] = None, alpha: float = 0.5, beta: float = 1.5,
-                 chunk_seconds: Optional[float] = None, overlap_seconds: float = 2.0) -> List[str]:
+                 beam_width: int = 1, lm_path: str | None = None, alpha: float = 0.5, beta: float = 1.5,
+                 chunk_seconds: float | None = None, overlap_seconds: float = 2.0) -> list[str]:
     """Transcribes 1-D float32 16 kHz waveforms; returns one transcript per waveform, in input order.
 
     Waveforms are sorted by length and batched (`batch_seconds` of padded audio per forward pass), and
@@ -331,7 +338,7 @@ class Recognizer:
     given) are transcribed with `transcribe_long`.
     """
     prepared = [self.prepare(a) for a in audios]
-    texts: List[Optional[str]] = [None] * len(prepared)
+    texts: list[str | None] = [None] * len(prepared)
     for i in self._long_indices(prepared, chunk_seconds):
       logits = self._chunk_logits_prepared(prepared[i], chunk_seconds, overlap_seconds, batch_seconds)
       texts[i] = self.decode_frames(logits, beam_width=beam_width, lm_path=lm_path, alpha=alpha, beta=beta)
@@ -368,9 +375,9 @@ class Recognizer:
     """[(start sample, end sample, first kept local frame, end kept local frame)] for each chunk."""
     cfg = self.model_config
     hop = cfg.hop
-    chunk = max(int(round(chunk_seconds * self.sample_rate / hop)) * hop, hop)
+    chunk = max(round(chunk_seconds * self.sample_rate / hop) * hop, hop)
     min_overlap = -(-max(cfg.receptive_field - hop, 0) // (2 * hop)) * 2 * hop
-    overlap = max(int(round(overlap_seconds * self.sample_rate / (2 * hop))) * 2 * hop, min_overlap, 2 * hop)
+    overlap = max(round(overlap_seconds * self.sample_rate / (2 * hop)) * 2 * hop, min_overlap, 2 * hop)
     if chunk < cfg.receptive_field or chunk <= overlap:
       raise ValueError(f"chunk_seconds={chunk_seconds} must exceed overlap_seconds={overlap_seconds} "
                        f"({overlap} samples after rounding to the hop) and the receptive field "
@@ -389,7 +396,7 @@ class Recognizer:
   def _chunk_logits_prepared(self, audio: np.ndarray, chunk_seconds: float, overlap_seconds: float,
                              batch_seconds: float) -> np.ndarray:
     layout = self._chunk_layout(audio.size, chunk_seconds, overlap_seconds)
-    pieces: List[Optional[np.ndarray]] = [None] * len(layout)
+    pieces: list[np.ndarray | None] = [None] * len(layout)
     plan = plan_batches([e - s for s, e, _, _ in layout], self._batch_samples(batch_seconds),
                         self.bucket_samples)
     for batch in plan:
@@ -405,7 +412,7 @@ class Recognizer:
 
   def transcribe_long(self, audio: Any, *, chunk_seconds: float = 30.0, overlap_seconds: float = 2.0,
                       batch_seconds: float = DEFAULT_BATCH_SECONDS, beam_width: int = 1,
-                      lm_path: Optional[str] = None, alpha: float = 0.5, beta: float = 1.5) -> LongTranscript:
+                      lm_path: str | None = None, alpha: float = 0.5, beta: float = 1.5) -> LongTranscript:
     """Transcribes one recording of any length with bounded device memory.
 
     Frame logits come from `chunk_logits` (overlapping chunks, central parts kept, concatenated); the
@@ -420,7 +427,7 @@ class Recognizer:
   # -- word times -----------------------------------------------------------------------------------
 
   def word_timings(self, logits: Any, frame_padding: Any = None, *, offset_seconds: float = 0.0
-                   ) -> List[Dict[str, Any]]:
+                   ) -> list[dict[str, Any]]:
     """Words of one utterance with start and end times in seconds (`decode.word_alignment`).
 
     Args:
@@ -488,7 +495,7 @@ def export_hf(model_config: Any, params: Mapping[str, Any], vocab: Vocabulary, o
 
 # ========================================================================================= evaluation
 
-def open_labeled_source(manifest: str, label: Optional[str] = None) -> ManifestSource:
+def open_labeled_source(manifest: str, label: str | None = None) -> ManifestSource:
   """A ManifestSource with transcripts: `label` "wrd" or "ltr", or None for "wrd" if the manifest has
   a .wrd file next to it, else "ltr". Raises ValueError if it has neither."""
   source = ManifestSource(manifest)
@@ -501,7 +508,7 @@ def open_labeled_source(manifest: str, label: Optional[str] = None) -> ManifestS
   return ManifestSource(source.manifest, label=label)
 
 
-def _reference(vocab: Vocabulary, label: Optional[str], label_key: str):
+def _reference(vocab: Vocabulary, label: str | None, label_key: str):
   """(normalised reference words, None) or (None, (reason key, message)) for an unusable transcript."""
   if label is None:
     return None, ("text:missing", "no transcript")
@@ -514,10 +521,10 @@ def _reference(vocab: Vocabulary, label: Optional[str], label_key: str):
   return ref, None
 
 
-def evaluate(recognizer: Recognizer, source: Any, *, label: Optional[str] = None,
-             batch_seconds: float = DEFAULT_BATCH_SECONDS, beam_width: int = 1, lm_path: Optional[str] = None,
-             alpha: float = 0.5, beta: float = 1.5, chunk_seconds: Optional[float] = None,
-             out_path: Optional[str] = None, num_threads: int = 4, log_every: int = 50) -> Dict[str, Any]:
+def evaluate(recognizer: Recognizer, source: Any, *, label: str | None = None,
+             batch_seconds: float = DEFAULT_BATCH_SECONDS, beam_width: int = 1, lm_path: str | None = None,
+             alpha: float = 0.5, beta: float = 1.5, chunk_seconds: float | None = None,
+             out_path: str | None = None, num_threads: int = 4, log_every: int = 50) -> dict[str, Any]:
   """Word and character error rates of `recognizer` over every item of a labeled source.
 
   Args:
@@ -534,8 +541,8 @@ def evaluate(recognizer: Recognizer, source: Any, *, label: Optional[str] = None
 
   Returns:
     dict: wer, cer (fractions; nan when no item could be evaluated), utterances (evaluated), skipped,
-    skipped_reasons ({"audio:<AudioError reason>" | "text:<empty|oov|missing>": count}), utterances_per_second, audio_seconds, seconds (wall time),
-    hypotheses_path (out_path or None).
+    skipped_reasons ({"audio:<AudioError reason>" or "text:<empty|oov|missing>": count}),
+    utterances_per_second, audio_seconds, seconds (wall time), hypotheses_path (out_path or None).
   """
   if isinstance(source, (str, os.PathLike)):
     source = open_labeled_source(os.fspath(source), label)
@@ -543,7 +550,7 @@ def evaluate(recognizer: Recognizer, source: Any, *, label: Optional[str] = None
   if label_key is None:
     raise ValueError("evaluate needs a source with transcripts (ManifestSource(..., label='wrd'|'ltr'))")
   vocab = recognizer.vocab
-  skipped: Dict[str, int] = {}
+  skipped: dict[str, int] = {}
 
   def skip(index: int, why) -> None:
     key, message = why
@@ -551,7 +558,7 @@ def evaluate(recognizer: Recognizer, source: Any, *, label: Optional[str] = None
     skipped[key] = skipped.get(key, 0) + 1
 
   labels = getattr(getattr(source, "manifest", None), "labels", {}).get(label_key)
-  refs: Dict[int, str] = {}
+  refs: dict[int, str] = {}
   todo = []
   for i in range(len(source)):
     if labels is None:          # a Source without a label table: transcripts come with the audio
@@ -574,7 +581,7 @@ def evaluate(recognizer: Recognizer, source: Any, *, label: Optional[str] = None
     except AudioError as e:
       return e
 
-  hyps: Dict[int, str] = {}
+  hyps: dict[int, str] = {}
   audio_samples = 0
   started = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(max(int(num_threads), 1)) as pool:
@@ -645,7 +652,7 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
                       help="normalise waveforms (default: as the checkpoint says)")
 
 
-def main_evaluate(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main_evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """`w2v2 evaluate --checkpoint CKPT --data MANIFEST.tsv [--label wrd|ltr] [--beam N --lm PATH --alpha A
   --beta B] [--out hyps.tsv]`: prints WER, CER, utterances/s and skipped items; exits with status 1 if
   no utterance could be evaluated. Returns the `evaluate` dict."""
@@ -677,7 +684,7 @@ def main_evaluate(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   return result
 
 
-def main_transcribe(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+def main_transcribe(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """`w2v2 transcribe FILE... [--checkpoint CKPT] [--json] [--chunk-seconds 30]`.
 
   Prints `FILE<TAB>TRANSCRIPT`, one line per file, or with --json one JSON list of {"file", "text",
@@ -700,7 +707,7 @@ def main_transcribe(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]
   if not args.checkpoint:
     parser.error("no checkpoint: pass --checkpoint or set W2V2_CHECKPOINT")
   recognizer = Recognizer.load(args.checkpoint, normalize=args.normalize)
-  results: List[Dict[str, Any]] = []
+  results: list[dict[str, Any]] = []
   audios, readable = [], []
   for path in args.files:
     try:
@@ -710,7 +717,7 @@ def main_transcribe(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]
     except AudioError as e:
       log.error("cannot transcribe %s", e)
       results.append({"file": path, "error": str(e)})
-  decoding = dict(beam_width=args.beam, lm_path=args.lm, alpha=args.alpha, beta=args.beta)
+  decoding = {"beam_width": args.beam, "lm_path": args.lm, "alpha": args.alpha, "beta": args.beta}
   if args.json:
     frame_logits = recognizer.utterance_logits(audios, batch_seconds=args.batch_seconds,
                                                chunk_seconds=args.chunk_seconds,

@@ -275,7 +275,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   """Runs (or resumes) CTC fine-tuning. The best model by validation WER is exported as a Hugging Face
   directory (config.json, model.safetensors, vocab.json) to `<workdir>/export`."""
   import os  # pylint: disable=import-outside-toplevel
-  from w2v2_jax import convert  # pylint: disable=import-outside-toplevel
+  from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data.source import ManifestSource  # pylint: disable=import-outside-toplevel
   parallel.initialize_distributed()
   vocab = load_vocabulary(config.data.vocab)
@@ -337,8 +337,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
         f.write(json.dumps({"step": step, **result}) + "\n")
       if result.get("valid/wer", math.inf) < best["wer"]:
         best.update(wer=result["valid/wer"], cer=result["valid/cer"], step=step)
-        convert.to_hf(model_cfg, params_now, export_dir)
-        vocab.to_hf_vocab(os.path.join(export_dir, "vocab.json"))
+        inference.export_hf(model_cfg, params_now, vocab, export_dir, normalize=bool(config.data.normalize))
         with open(best_path, "w") as f:
           json.dump(best, f)
         log.info("new best WER %.4f at step %d: exported to %s", best["wer"], step, export_dir)
