@@ -50,7 +50,9 @@ def get_config(arg: str = "base_10m") -> ml_collections.ConfigDict:
   c.init = ""                       # pretrained model: run dir, HF dir or fairseq .pt ("" = from scratch)
   c.model = ml_collections.ConfigDict(model.to_dict())
   c.data = ml_collections.ConfigDict(dict(
-      train_manifest="", valid_manifest="", label="ltr", vocab="", sample_rate=SAMPLE_RATE, normalize=False,
+      train_manifest="", valid_manifest="", label="ltr", vocab="",
+      # Or LibriSpeech through tensorflow-datasets (tfds extra), e.g. the 100 h subset:
+      tfds_name="", tfds_split="train_clean100", tfds_data_dir="", tfds_manual_dir="", sample_rate=SAMPLE_RATE, normalize=False,
       min_sample_size=0, max_sample_size=560000,
       buckets=(80000, 160000, 240000, 320000, 400000, 560000),   # padded (never cropped) lengths
       num_threads=8, prefetch=16, seed=0))

@@ -660,7 +660,11 @@ def main_evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                    description="WER/CER of a CTC checkpoint on a labeled manifest.")
   parser.add_argument("--checkpoint", required=True,
                       help="Hugging Face directory, fine-tuning run directory (its export/), or fairseq .pt")
-  parser.add_argument("--data", required=True, help="manifest .tsv with a .wrd or .ltr file next to it")
+  parser.add_argument("--data", required=True,
+                      help="manifest .tsv with a .wrd or .ltr file next to it, or tfds:SPLIT (e.g. "
+                           "tfds:test_clean; needs the tfds extra and a prepared --tfds-data-dir)")
+  parser.add_argument("--tfds-name", default="librispeech")
+  parser.add_argument("--tfds-data-dir", default=None)
   parser.add_argument("--label", choices=("wrd", "ltr"), default=None, help="default: wrd if present")
   parser.add_argument("--out", default=None, help="write per-utterance hypotheses (TSV) here")
   parser.add_argument("--chunk-seconds", type=float, default=None,
@@ -668,7 +672,11 @@ def main_evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
   _add_decoding_flags(parser)
   args = parser.parse_args(argv)
   recognizer = Recognizer.load(args.checkpoint, normalize=args.normalize)
-  source = open_labeled_source(args.data, args.label)
+  if args.data.startswith("tfds:"):
+    from w2v2_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
+    source = TfdsSource(args.data[len("tfds:"):], name=args.tfds_name, data_dir=args.tfds_data_dir)
+  else:
+    source = open_labeled_source(args.data, args.label)
   result = evaluate(recognizer, source, batch_seconds=args.batch_seconds, beam_width=args.beam,
                     lm_path=args.lm, alpha=args.alpha, beta=args.beta, chunk_seconds=args.chunk_seconds,
                     out_path=args.out)

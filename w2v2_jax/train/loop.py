@@ -41,16 +41,20 @@ def batch_geometry(config: Any, num_devices: int) -> Dict[str, int]:
   return {"batch_samples": device_samples * num_devices, "accumulate": accumulate}
 
 
-def make_source(config: Any):
+def make_source(config: Any, label: Optional[str] = None):
+  """The training source: a manifest (with `label` transcripts beside it) or a tfds split."""
   data = config.data
   if data.train_manifest and data.tfds_name:
     raise ValueError("set one of data.train_manifest and data.tfds_name, not both")
   if data.train_manifest:
+    if label:
+      from w2v2_jax.data.source import ManifestSource  # pylint: disable=import-outside-toplevel
+      return ManifestSource(data.train_manifest, label=label)
     return as_source(data.train_manifest)
   if data.tfds_name:
     from w2v2_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
     return TfdsSource(data.tfds_split, name=data.tfds_name, data_dir=data.tfds_data_dir or None,
-                      manual_dir=data.tfds_manual_dir or None)
+                      manual_dir=data.tfds_manual_dir or None, label="text" if label else None)
   raise ValueError("no training data: set data.train_manifest (a .tsv from `w2v2 manifest`) or data.tfds_name")
 
 
@@ -276,7 +280,6 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   directory (config.json, model.safetensors, vocab.json) to `<workdir>/export`."""
   import os  # pylint: disable=import-outside-toplevel
   from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.data.source import ManifestSource  # pylint: disable=import-outside-toplevel
   parallel.initialize_distributed()
   vocab = load_vocabulary(config.data.vocab)
   model_cfg, backbone = finetune_model_config(config, len(vocab))
@@ -289,10 +292,9 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
     params["wav2vec2"] = backbone
   total = int(config.train.steps)
   geometry = batch_geometry(config, jax.device_count())
-  label = config.data.label
-  if not config.data.train_manifest:
-    raise ValueError("no training data: set data.train_manifest (a .tsv with .ltr/.wrd labels beside it)")
-  iterator = _make_iterator(config, ManifestSource(config.data.train_manifest, label=label), geometry, mode="pad")
+  # tfds LibriSpeech transcripts are words; manifests use data.label (.ltr or .wrd beside the .tsv).
+  label = config.data.label if config.data.train_manifest else "wrd"
+  iterator = _make_iterator(config, make_source(config, label), geometry, mode="pad")
   tx = optimizer.make(config.optim, total)
   step_fn = functools.partial(train_step.finetune_step, module=module, tx=tx,
                               lr_schedule=schedules.learning_rate(config.optim, total),
