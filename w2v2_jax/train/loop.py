@@ -220,61 +220,6 @@ def finetune_model_config(config: Any, vocab_size: int) -> Tuple[ModelConfig, An
   return cfg.replace(task="ctc", vocab_size=vocab_size), backbone
 
 
-class Validator:
-  """Greedy-decoding WER/CER on a labeled manifest, with bucketed static shapes."""
-
-  def __init__(self, module, manifest: str, label: str, vocab, buckets, batch_samples: int):
-    from w2v2_jax.data.source import ManifestSource  # pylint: disable=import-outside-toplevel
-    self.source = ManifestSource(manifest, label=label)
-    self.label, self.vocab, self.module = label, vocab, module
-    self.buckets = sorted(int(b) for b in buckets)
-    self.batch_samples = int(batch_samples)
-    self._forward = jax.jit(lambda p, a, m: module.apply({"params": p}, a, m))
-
-  def __call__(self, params) -> Dict[str, float]:
-    from w2v2_jax import decode, evaluate  # pylint: disable=import-outside-toplevel
-    from w2v2_jax.data.audio import AudioError  # pylint: disable=import-outside-toplevel
-    from w2v2_jax.data.text import ltr_to_words  # pylint: disable=import-outside-toplevel
-    refs, hyps, skipped = [], [], 0
-    items = []
-    for i in np.argsort(self.source.sizes):
-      try:
-        example = self.source.load(int(i), sample_rate=16000, normalize=False)
-      except AudioError as err:
-        log.warning("validation: skipping %s: %s", self.source.describe(int(i)), err)
-        skipped += 1
-        continue
-      text = ltr_to_words(example.label) if self.label == "ltr" else example.label
-      if not self.vocab.normalize(text).strip():
-        skipped += 1
-        continue
-      items.append((example.audio, text))
-    batch: list = []
-    def flush():
-      if not batch:
-        return
-      longest = max(len(a) for a, _ in batch)
-      length = next((b for b in self.buckets if b >= longest), int(math.ceil(longest / 16000) * 16000))
-      audio = np.zeros((len(batch), length), np.float32)
-      pad = np.ones((len(batch), length), bool)
-      for row, (a, _) in enumerate(batch):
-        audio[row, :len(a)] = a
-        pad[row, :len(a)] = False
-      out = self._forward(params, audio, pad)
-      hyps.extend(decode.greedy_text(out["logits"], out["frame_padding_mask"], self.vocab))
-      refs.extend(self.vocab.normalize(t) for _, t in batch)
-      batch.clear()
-    for audio, text in items:
-      if batch and (len(batch) + 1) * max(len(audio), max(len(a) for a, _ in batch)) > self.batch_samples:
-        flush()
-      batch.append((audio, text))
-    flush()
-    if not refs:
-      return {"valid/skipped": float(skipped)}
-    return {"valid/wer": float(evaluate.wer(refs, hyps)), "valid/cer": float(evaluate.cer(refs, hyps)),
-            "valid/utterances": float(len(refs)), "valid/skipped": float(skipped)}
-
-
 def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> Dict[str, float]:
   """Runs (or resumes) CTC fine-tuning. The best model by validation WER is exported as a Hugging Face
   directory (config.json, model.safetensors, vocab.json) to `<workdir>/export`."""
@@ -316,10 +261,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
               "weight": weight.reshape(num_micro, rows)}
     return arrays, {k: stats.get(k, 0) for k in pipeline.STAT_KEYS + TEXT_STATS}
 
-  validator = None
-  if config.data.valid_manifest:
-    validator = Validator(module, config.data.valid_manifest, label, vocab, config.data.buckets,
-                          int(config.batch.device_seconds * config.data.sample_rate))
+  recognizer = None      # validation = `w2v2 evaluate` on the current params (same code, same numbers)
   best_path = os.path.join(workdir, "best.json")
   best = {"wer": math.inf}
   if os.path.exists(best_path):
@@ -327,12 +269,19 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   export_dir = os.path.join(workdir, "export")
 
   def after_step(step, state, runner):
-    if not validator or (step % int(config.train.eval_every) and step != total):
+    nonlocal recognizer
+    if not config.data.valid_manifest or (step % int(config.train.eval_every) and step != total):
       return
-    params_now = jax.device_get(runner.get_state(state)["params"])
-    if jax.process_count() > 1:
-      params_now = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), runner.get_state(state)["params"])
-    result = validator(params_now)
+    params_now = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
+                                        runner.get_state(state)["params"])
+    if recognizer is None:
+      recognizer = inference.Recognizer(model_cfg, params_now, vocab, normalize=bool(config.data.normalize))
+    else:
+      recognizer.params = jax.device_put(params_now)
+    scores = inference.evaluate(recognizer, config.data.valid_manifest,
+                                label=label if config.data.train_manifest else None)
+    result = {"valid/wer": float(scores["wer"]), "valid/cer": float(scores["cer"]),
+              "valid/utterances": float(scores["utterances"]), "valid/skipped": float(scores["skipped"])}
     log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "valid.jsonl"), "a") as f:
