@@ -243,3 +243,13 @@ def test_transcribe_long_matches_one_pass(recognizer):
   assert long.text == recognizer.decode_frames(long.logits)
   assert recognizer.transcribe([audio], chunk_seconds=2.0, overlap_seconds=1.0,
                                batch_seconds=4.0) == [long.text]
+
+
+def test_batches_never_mix_buckets_so_transcripts_do_not_depend_on_batch_mates():
+  from w2v2_jax.inference import plan_batches
+  lengths = [15000, 16000, 17000, 31000, 33000, 47000, 48000, 1000, 2000, 3000]
+  batches = plan_batches(lengths, max_samples=10 ** 7, bucket_samples=16000)
+  assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+  for b in batches:
+    assert len({-(-lengths[i] // 16000) for i in b}) == 1          # one bucket per batch
+    assert len(b) & (len(b) - 1) == 0                               # a power of two
