@@ -69,23 +69,15 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
   ))
   c.parallel = ml_collections.ConfigDict(dict(mode="shard_map"))   # or "pmap"
 
-  if arg == "large":
+  if arg in ("large", "large_lv60"):
     c.data.max_sample_size = 320000
     c.data.buckets = (32000, 80000, 160000, 320000)
-    c.batch.global_seconds = 1.2e6 * 128 / SAMPLE_RATE
+    c.batch.global_seconds = 1.2e6 * 128 / SAMPLE_RATE      # 128 GPUs x 1.2M samples
     c.batch.device_seconds = 1.2e6 / SAMPLE_RATE
     c.optim.lr = 3e-4
-    c.train.steps = 250000
     c.train.latent_temp = (2.0, 0.1, 0.999995)
-  elif arg == "large_lv60":
-    c.data.max_sample_size = 320000
-    c.data.buckets = (32000, 80000, 160000, 320000)
-    c.data.normalize = True
-    c.batch.global_seconds = 1.2e6 * 128 / SAMPLE_RATE
-    c.batch.device_seconds = 1.2e6 / SAMPLE_RATE
-    c.optim.lr = 3e-4
-    c.train.steps = 600000
-    c.train.latent_temp = (2.0, 0.1, 0.999995)
+    c.train.steps = 250000 if arg == "large" else 600000
+    c.data.normalize = arg == "large_lv60"
   elif arg == "tiny":
     c.data.min_sample_size = 8000
     c.data.max_sample_size = 32000

@@ -317,9 +317,7 @@ def row_span_mask(row_keys, padding_mask, mask_prob: float, mask_length: int, mi
   """
   padding_mask = _check_bool_2d("padding_mask", padding_mask)
   batch, width = padding_mask.shape
-  mask_prob, mask_length, min_masks = _check_span_args(mask_prob, mask_length, min_masks, width,
-                                                       "time")
-  if mask_prob == 0.0 or batch == 0:
+  if mask_prob == 0 or batch == 0:       # the arguments are validated by span_mask below
     return jnp.zeros((batch, width), jnp.bool_)
   split = jax.vmap(jax.random.split)(row_keys)
   mask = _row(lambda k, p: span_mask(k, p, mask_prob, mask_length, min_masks, False),

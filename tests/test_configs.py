@@ -1,0 +1,57 @@
+"""Every shipped config loads, validates, and carries the recipe's values (../shared/RECIPE.md)."""
+import importlib.util
+import os
+
+import pytest
+
+from w2v2_jax.models.config import ModelConfig
+from w2v2_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("arg", ["base", "large", "large_lv60", "tiny"])
+def test_pretrain_configs(arg):
+  c = load("pretrain").get_config(arg)
+  model = ModelConfig.from_any(c.model)
+  # The global batch is realised on any device count by accumulation.
+  for devices in (1, 8, 64):
+    geometry = loop.batch_geometry(c, devices)
+    assert geometry["batch_samples"] * geometry["accumulate"] >= c.batch.global_seconds * 16000 - 1
+  if arg == "base":
+    assert (c.optim.lr, c.optim.warmup_steps, c.train.steps) == (5e-4, 32000, 400000)
+    assert (model.feature_grad_mult, model.encoder_layerdrop, model.mask_prob, model.mask_length) == (0.1, 0.05, 0.65, 10)
+    assert tuple(c.train.latent_temp) == (2.0, 0.5, 0.999995) and c.batch.global_seconds == 5600
+  if arg == "large_lv60":
+    assert model.layer_norm_first and model.extractor_mode == "layer_norm" and model.conv_bias
+    assert model.feature_pen_weight == 0.0 and c.data.normalize and c.optim.lr == 3e-4
+  assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == (0.9, 0.98, 1e-6, 0.01)
+
+
+@pytest.mark.parametrize("arg", ["base_10m", "base_1h", "base_10h", "base_100h", "base_960h", "large_10m",
+                                 "large_1h", "large_10h", "large_100h", "large_960h", "tiny"])
+def test_finetune_configs(arg):
+  c = load("finetune").get_config(arg)
+  model = ModelConfig.from_any(c.model)
+  assert model.task == "ctc" and model.feature_grad_mult == 0.0 and model.mask_channel_length in (64, 8)
+  assert (c.optim.schedule, c.optim.eps, c.optim.weight_decay) == ("tri_stage", 1e-8, 0.0)
+  assert (model.dropout, model.attention_dropout, model.activation_dropout) == (0.0, 0.0, 0.1)
+  if arg == "base_10h":
+    assert (c.optim.lr, c.train.steps, model.mask_prob, model.mask_channel_prob, model.encoder_layerdrop,
+            c.train.freeze_updates) == (5e-5, 20000, 0.65, 0.5, 0.05, 10000)
+  if arg == "large_1h":
+    assert (c.optim.lr, model.mask_prob, model.layer_norm_first) == (3e-4, 0.75, True)
+
+
+def test_unknown_config_names_are_rejected():
+  with pytest.raises(ValueError, match="base_2h"):
+    load("finetune").get_config("base_2h")
+  with pytest.raises(ValueError, match="huge"):
+    load("pretrain").get_config("huge")
