@@ -52,10 +52,16 @@ def apply_gradients(state: State, grads, tx: optax.GradientTransformation) -> Tu
   (params and optimizer state stay as they were, so params never become NaN)."""
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = dict(state, params=keep(params, state["params"]), opt_state=keep(opt_state, state["opt_state"]),
+
+  def update(operands):
+    params, opt_state = operands
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  # Real control flow: a skipped update costs nothing, and no select pass over params and moments.
+  params, opt_state = jax.lax.cond(finite, update, lambda operands: operands,
+                                   (state["params"], state["opt_state"]))
+  new_state = dict(state, params=params, opt_state=opt_state,
                    step=state["step"] + 1, skipped=state["skipped"] + (~finite).astype(jnp.int32))
   return new_state, {"grad_norm": grad_norm, "skipped": new_state["skipped"].astype(jnp.float32)}
 
