@@ -5,7 +5,6 @@ pre-LN transformer (LARGE LV-60k), with and without padding. fp32, max abs diff 
 """
 import numpy as np
 import pytest
-import jax
 import jax.numpy as jnp
 
 torch = pytest.importorskip("torch")

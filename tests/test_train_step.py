@@ -123,7 +123,6 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 def test_non_finite_update_is_skipped_and_counted():
   cfg = tiny()
-  batch = make_batch(1, 8)
   tx = optimizer.make(ml_collections.ConfigDict(dict(OPTIM.to_dict(), schedule="constant")), 10)
   params = init_params(cfg)
   state = dict(train_step.init_state(params, tx, jax.random.key(0)), step=jnp.int32(5))

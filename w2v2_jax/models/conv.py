@@ -1,9 +1,9 @@
 """1-D convolutions with identical numerics on every backend and a fast path for XLA:CPU.
 
-On TPU/GPU the convolutions below are XLA's native ones. XLA:CPU runs strided convolutions and, above all,
-the weight gradient of grouped convolutions many times slower than matmuls (measured here: the
-positional conv's weight gradient 2.0 s vs 0.05 s for its forward pass), so on CPU a strided conv is
-lowered to an im2col matmul and the grouped conv's weight gradient to chunked per-group matmuls.
+All convolutions are XLA's native ones, except one: XLA:CPU computes the weight gradient of a grouped
+convolution many times slower than matmuls (measured here: the positional conv's weight gradient 2.0 s
+vs 0.05 s for its forward pass), so on CPU that gradient is computed as chunked per-group matmuls.
+(An im2col lowering of the strided conv-encoder convs was measured too and was slower end to end.)
 """
 from __future__ import annotations
 
@@ -13,27 +13,15 @@ import jax
 import jax.numpy as jnp
 
 _DIMS = ("NWC", "WIO", "NWC")
-_IM2COL = False
 
 
 def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def _taps(x: jnp.ndarray, kernel_size: int, stride: int, length: int) -> jnp.ndarray:
-  """(B, L, C) -> (B, length, kernel_size * C): the input window of every output frame, tap-major."""
-  span = stride * (length - 1) + 1
-  return jnp.concatenate(
-      [jax.lax.slice_in_dim(x, i, i + span, stride, axis=1) for i in range(kernel_size)], axis=-1)
-
-
 def strided_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
   """VALID 1-D convolution. x (B, L, C_in), kernel (k, C_in, C_out) -> (B, (L - k) // s + 1, C_out)."""
-  k, c_in, c_out = kernel.shape
-  if not _on_cpu() or not _IM2COL:
-    return jax.lax.conv_general_dilated(x, kernel, (stride,), "VALID", dimension_numbers=_DIMS)
-  length = (x.shape[1] - k) // stride + 1
-  return _taps(x, k, stride, length) @ kernel.reshape(k * c_in, c_out)
+  return jax.lax.conv_general_dilated(x, kernel, (stride,), "VALID", dimension_numbers=_DIMS)
 
 
 def grouped_conv(x: jnp.ndarray, kernel: jnp.ndarray, groups: int, padding: int) -> jnp.ndarray:

@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import math
-import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
