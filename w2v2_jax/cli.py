@@ -6,6 +6,7 @@
   w2v2 transcribe FILE... --checkpoint CKPT [--json]
   w2v2 manifest --root DIR --out DIR [--valid-percent 0.01] [--ext flac,wav]
   w2v2 convert SRC OUT_DIR            (Hugging Face dir or fairseq .pt -> Hugging Face dir)
+  w2v2 make-corpus --out DIR [--hours 1] (offline English speech from the OS's TTS engines)
 
 The CLI only wires flags to library functions.
 """
@@ -16,7 +17,7 @@ import logging
 import sys
 from typing import List, Optional
 
-COMMANDS = ("pretrain", "finetune", "evaluate", "transcribe", "manifest", "convert")
+COMMANDS = ("pretrain", "finetune", "evaluate", "transcribe", "manifest", "convert", "make-corpus")
 
 
 def _pretrain(argv: List[str], job: str = "pretrain") -> None:
@@ -79,6 +80,66 @@ def _convert(argv: List[str]) -> None:
   print(f"wrote {args.out_dir} ({cfg.task})")
 
 
+class _ProgressBar:
+  """A one-line progress bar with rate and ETA on stderr (a line per 10 % when not a terminal)."""
+
+  def __init__(self, label: str, stream=None):
+    import time  # pylint: disable=import-outside-toplevel
+    self._time = time.monotonic
+    self._label, self._stream = label, stream or sys.stderr
+    self._start, self._first, self._last_decile = self._time(), None, -1
+
+  def __call__(self, done: int, total: int) -> None:
+    from w2v2_jax.train.metrics import format_eta  # pylint: disable=import-outside-toplevel
+    if self._first is None:
+      self._first = done
+    elapsed = self._time() - self._start
+    rate = (done - self._first) / elapsed if elapsed > 0 and done > self._first else 0.0
+    eta = (total - done) / rate if rate > 0 else None
+    frac = done / total if total else 1.0
+    bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+    line = f"{self._label} [{bar}] {done}/{total} {rate:.1f}/s ETA {format_eta(eta)}"
+    if self._stream.isatty():
+      self._stream.write("\r" + line + ("\n" if done >= total else ""))
+    elif int(10 * frac) > self._last_decile or done >= total:
+      self._last_decile = int(10 * frac)
+      self._stream.write(line + "\n")
+    self._stream.flush()
+
+
+def _make_corpus(argv: List[str]) -> None:
+  parser = argparse.ArgumentParser(
+      prog="w2v2 make-corpus",
+      description="Synthesise a transcribed English corpus offline with espeak-ng / flite / festival + sox: "
+                  "16 kHz FLAC and fairseq manifests train / train_<M>m / valid / test, with valid and "
+                  "test voices and sentences never seen in train. Deterministic for a seed; re-running "
+                  "resumes (finished files are kept).")
+  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--hours", type=float, default=1.0, help="hours of train audio (default 1)")
+  parser.add_argument("--eval-minutes", type=float, default=5.0, help="minutes of valid and of test audio")
+  parser.add_argument("--labeled-minutes", type=float, default=10.0,
+                      help="minutes of the labeled subset train_<M>m (default 10 -> train_10m)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--engines", default="espeak-ng,flite,festival", help="comma-separated TTS engines")
+  parser.add_argument("--text", default=None, help="text file (one paragraph per line) instead of the KJV Bible")
+  parser.add_argument("--workers", type=int, default=None, help="parallel renders (default: CPU count)")
+  args = parser.parse_args(argv)
+  from w2v2_jax.corpus import synthesize, voices, sentences  # pylint: disable=import-outside-toplevel
+  try:
+    summary = synthesize.make_corpus(
+        args.out, args.hours, eval_minutes=args.eval_minutes, labeled_minutes=args.labeled_minutes,
+        seed=args.seed, engines=[e.strip() for e in args.engines.split(",") if e.strip()], text_file=args.text,
+        workers=args.workers, progress=_ProgressBar("synthesising"))
+  except (voices.EngineUnavailable, sentences.TextUnavailable) as e:
+    sys.exit(f"w2v2 make-corpus: {e}")
+  for name, split in summary["splits"].items():
+    print(f"{name:>10}: {split['utterances']:6d} utterances {split['hours'] * 60:7.1f} min "
+          f"{len(split['voices']):3d} voices")
+  if summary["failed"]:
+    print(f"{len(summary['failed'])} utterances failed (see the log); run again to retry them")
+  print(f"wrote {args.out}")
+
+
 def _evaluate(argv: List[str]) -> None:
   from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
   inference.main_evaluate(argv)
@@ -98,7 +159,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     return
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   jobs = {"pretrain": _pretrain, "finetune": lambda a: _pretrain(a, "finetune"), "manifest": _manifest,
-          "convert": _convert, "evaluate": _evaluate, "transcribe": _transcribe}
+          "convert": _convert, "evaluate": _evaluate, "transcribe": _transcribe,
+          "make-corpus": _make_corpus}
   jobs[argv[0]](argv[1:])
 
 

@@ -1,0 +1,85 @@
+"""The voice inventory of the OS's TTS engines and its split into train / valid / test speakers.
+
+A voice is one speaker timbre of one engine. Test and validation voices are never used for training,
+so a test error measures generalisation to unseen speakers:
+
+  espeak-ng  ~50 timbre variants (m1..m8, f1..f5, klatt*, named ones) x 8 English accents; the
+             accent is drawn per utterance, the variant (the speaker) belongs to one split.
+  flite      kal, kal16, awb (train), rms (valid), slt (test).
+  festival   kal_diphone, ked_diphone (train), cmu_us_slt_arctic_hts (test: the same CMU speaker
+             "slt" as flite's slt, so both sit in test).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd",
+                  "en-029", "en-us-nyc")
+ESPEAK_VARIANTS = {
+    "train": ("m1", "m2", "m5", "m7", "m8", "f1", "f3", "f5", "klatt", "klatt4", "adam", "andy", "annie",
+              "aunty", "belinda", "benjamin", "boris", "caleb", "david", "ed", "gene", "grandpa", "iven",
+              "john", "max", "michael", "mike", "norbert", "pablo", "paul", "quincy", "rob", "robert",
+              "travis", "victor", "zac"),
+    "valid": ("m3", "f2", "klatt2", "linda", "steph", "edward"),
+    "test": ("m4", "m6", "f4", "klatt3", "alicia", "grandma", "shelby"),
+}
+FLITE_VOICES = {"train": ("kal", "kal16", "awb"), "valid": ("rms",), "test": ("slt",)}
+FESTIVAL_VOICES = {"train": ("kal_diphone", "ked_diphone"), "valid": (), "test": ("cmu_us_slt_arctic_hts",)}
+# Share of utterances per engine (renormalised over the engines a split has).
+ENGINE_WEIGHTS = {"espeak-ng": 0.7, "flite": 0.2, "festival": 0.1}
+ENGINE_PROGRAMS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave"}
+SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Voice:
+  engine: str     # espeak-ng | flite | festival
+  name: str       # espeak variant, flite voice or festival voice
+  split: str      # train | valid | test
+
+
+class EngineUnavailable(RuntimeError):
+  """No usable TTS engine (or sox) is installed."""
+
+
+def available_engines(requested=tuple(ENGINE_WEIGHTS)) -> tuple[str, ...]:
+  """The requested engines whose program is on PATH (sox is required by all)."""
+  if shutil.which("sox") is None:
+    raise EngineUnavailable("sox is not installed; run `make corpus-deps` (apt-get install sox)")
+  unknown = set(requested) - set(ENGINE_WEIGHTS)
+  if unknown:
+    raise ValueError(f"unknown TTS engine(s) {sorted(unknown)}; choose from {sorted(ENGINE_WEIGHTS)}")
+  found = tuple(e for e in requested if shutil.which(ENGINE_PROGRAMS[e]))
+  if not found:
+    raise EngineUnavailable(
+        f"none of the TTS engines {list(requested)} is installed; run `make corpus-deps` "
+        "(apt-get install espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox)")
+  return found
+
+
+def inventory(engines) -> dict[str, list[Voice]]:
+  """split -> voices of the given engines."""
+  table = {"espeak-ng": ESPEAK_VARIANTS, "flite": FLITE_VOICES, "festival": FESTIVAL_VOICES}
+  out = {split: [] for split in SPLITS}
+  for engine in engines:
+    for split in SPLITS:
+      out[split].extend(Voice(engine, name, split) for name in table[engine][split])
+  for split, voices in out.items():
+    if not voices:
+      raise EngineUnavailable(f"no {split} voices with engines {list(engines)}; install espeak-ng or flite")
+  return out
+
+
+def command(voice: Voice, text: str, wav_path: str, *, accent: str, speed: int, pitch: int) -> tuple[list, str | None]:
+  """(argv, stdin text or None) that writes `text` spoken by `voice` to `wav_path` (engine's own rate).
+
+  accent/speed/pitch apply to espeak-ng only (speed in words per minute, pitch 0..99)."""
+  if voice.engine == "espeak-ng":
+    return ["espeak-ng", "-v", f"{accent}+{voice.name}", "-s", str(speed), "-p", str(pitch), "-w", wav_path,
+            "--", text], None
+  if voice.engine == "flite":
+    return ["flite", "-voice", voice.name, "-t", text, "-o", wav_path], None
+  if voice.engine == "festival":
+    return ["text2wave", "-eval", f"(voice_{voice.name})", "-o", wav_path], text
+  raise ValueError(f"unknown engine {voice.engine!r}")
