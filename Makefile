@@ -4,7 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 
-.PHONY: install test demo bench clean
+# The offline TTS corpus (w2v2 make-corpus) needs these Debian packages; `corpus-deps` installs them.
+TTS_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox bible-kjv
+
+.PHONY: install corpus-deps test demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +21,32 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+corpus-deps:
+	@missing=""; \
+	for prog in espeak-ng flite text2wave sox bible; do command -v $$prog >/dev/null || missing="$$missing $$prog"; done; \
+	[ -e /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || missing="$$missing festvox-us-slt-hts"; \
+	if [ -n "$$missing" ]; then \
+	  echo "corpus-deps: missing$$missing; installing $(TTS_PACKAGES) with apt-get"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(TTS_PACKAGES) >/dev/null; } || { \
+	    echo "corpus-deps: could not install the TTS engines (needs apt-get and root or passwordless sudo)."; \
+	    echo "Install these Debian/Ubuntu packages by hand: $(TTS_PACKAGES)"; \
+	    echo "(on other systems: espeak-ng, flite, festival with the kal/ked/slt voices, sox; and bible-kjv or --text FILE)"; \
+	    exit 1; }; \
+	fi
+
+test: $(STAMP) corpus-deps
 	$(PY) -m pytest -n 2 --dist loadfile -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/pretrain_step.py
 
-demo: $(STAMP)
-	@echo "make demo: the end-to-end demo (corpus, pretraining, fine-tuning) is not built yet; see issue 5."
+# make demo [SCALE=0.3] [HOURS=1] [SEED=0]: SCALE multiplies the training updates (1: about 30 min on 2 cores).
+SCALE ?= 1
+HOURS ?= 1
+SEED ?= 0
+demo: $(STAMP) corpus-deps
+	$(VENV)/bin/w2v2 demo --out runs/demo --corpus data/tts_corpus --hours $(HOURS) --scale $(SCALE) --seed $(SEED)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

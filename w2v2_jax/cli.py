@@ -7,6 +7,7 @@
   w2v2 manifest --root DIR --out DIR [--valid-percent 0.01] [--ext flac,wav]
   w2v2 convert SRC OUT_DIR            (Hugging Face dir or fairseq .pt -> Hugging Face dir)
   w2v2 make-corpus --out DIR [--hours 1] (offline English speech from the OS's TTS engines)
+  w2v2 demo [--out runs/demo] [--scale 1]  (corpus -> pretrain -> fine-tune -> evaluate -> report)
 
 The CLI only wires flags to library functions.
 """
@@ -17,7 +18,7 @@ import logging
 import sys
 from typing import List, Optional
 
-COMMANDS = ("pretrain", "finetune", "evaluate", "transcribe", "manifest", "convert", "make-corpus")
+COMMANDS = ("pretrain", "finetune", "evaluate", "transcribe", "manifest", "convert", "make-corpus", "demo")
 
 
 def _pretrain(argv: List[str], job: str = "pretrain") -> None:
@@ -130,7 +131,7 @@ def _make_corpus(argv: List[str]) -> None:
         args.out, args.hours, eval_minutes=args.eval_minutes, labeled_minutes=args.labeled_minutes,
         seed=args.seed, engines=[e.strip() for e in args.engines.split(",") if e.strip()], text_file=args.text,
         workers=args.workers, progress=_ProgressBar("synthesising"))
-  except (voices.EngineUnavailable, sentences.TextUnavailable) as e:
+  except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:  # ValueError: bad --engines/--hours
     sys.exit(f"w2v2 make-corpus: {e}")
   for name, split in summary["splits"].items():
     print(f"{name:>10}: {split['utterances']:6d} utterances {split['hours'] * 60:7.1f} min "
@@ -138,6 +139,30 @@ def _make_corpus(argv: List[str]) -> None:
   if summary["failed"]:
     print(f"{len(summary['failed'])} utterances failed (see the log); run again to retry them")
   print(f"wrote {args.out}")
+
+
+def _demo(argv: List[str]) -> None:
+  parser = argparse.ArgumentParser(
+      prog="w2v2 demo",
+      description="The whole system on 2 CPU cores: synthesise a corpus (cached), pretrain the small model, "
+                  "fine-tune it with CTC on 10 labeled minutes, evaluate on unseen voices, transcribe a file, "
+                  "plot the curves and write a report. A killed demo resumes where it stopped.")
+  parser.add_argument("--out", default="runs/demo", help="run folder (checkpoints, plots, report)")
+  parser.add_argument("--corpus", default="data/tts_corpus", help="corpus folder (reused when present)")
+  parser.add_argument("--hours", type=float, default=1.0, help="hours of synthetic train audio")
+  parser.add_argument("--scale", type=float, default=1.0,
+                      help="multiplies the updates of both training stages (1: about 30 min on 2 cores)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--configs", default=None, help="configs folder (default: the checkout's configs/)")
+  args = parser.parse_args(argv)
+  from w2v2_jax import demo  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.corpus import voices, sentences  # pylint: disable=import-outside-toplevel
+  _quiet_libraries()
+  try:
+    demo.run(args.out, args.corpus, hours=args.hours, scale=args.scale, seed=args.seed, configs=args.configs,
+             say=lambda line: print(line, flush=True))
+  except (voices.EngineUnavailable, sentences.TextUnavailable) as e:
+    sys.exit(f"w2v2 demo: {e}")
 
 
 def _evaluate(argv: List[str]) -> None:
@@ -160,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   jobs = {"pretrain": _pretrain, "finetune": lambda a: _pretrain(a, "finetune"), "manifest": _manifest,
           "convert": _convert, "evaluate": _evaluate, "transcribe": _transcribe,
-          "make-corpus": _make_corpus}
+          "make-corpus": _make_corpus, "demo": _demo}
   jobs[argv[0]](argv[1:])
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 SECONDS_PER_WORD = 0.29      # planning estimate at tempo 1 (measured over espeak-ng, flite and festival)
-PLAN_VERSION = 1
+PLAN_VERSION = 2        # bump when the same plan entry renders different audio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,8 @@ def render(utt: Utterance, out_dir: str, timeout: float = 120.0) -> int:
   final = os.path.join(out_dir, utt.path)
   os.makedirs(os.path.dirname(final), exist_ok=True)
   voice = voices_lib.Voice(utt.engine, utt.voice, utt.split)
-  with tempfile.TemporaryDirectory(prefix="w2v2-tts-") as tmp:
+  # In out_dir, not the system temp dir: os.replace cannot move across file systems (e.g. a tmpfs /tmp).
+  with tempfile.TemporaryDirectory(prefix=".w2v2-tts-", dir=out_dir) as tmp:
     raw = os.path.join(tmp, "raw.wav")
     argv, stdin = voices_lib.command(voice, utt.text, raw, accent=utt.accent, speed=utt.speed, pitch=utt.pitch)
     partial = os.path.join(tmp, "out.flac")
@@ -128,6 +129,8 @@ def render(utt: Utterance, out_dir: str, timeout: float = 120.0) -> int:
         raise RuntimeError(f"{utt.id}: {cmd[0]} timed out after {timeout:.0f} s") from None
       if proc.returncode != 0:
         raise RuntimeError(f"{utt.id}: {' '.join(cmd[:4])} ... exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+      if cmd is argv and not os.path.exists(raw):  # text2wave exits 0 without a file for an unknown voice
+        raise RuntimeError(f"{utt.id}: {' '.join(cmd[:4])} ... wrote no audio: {proc.stderr.strip()[-300:]}")
     frames = sf.info(partial).frames
     if frames < SAMPLE_RATE // 10:
       raise RuntimeError(f"{utt.id}: {utt.engine} produced {frames} samples for {utt.text!r}")
@@ -182,7 +185,6 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0, 
   plan_path = os.path.join(out_dir, "plan.jsonl")
   old = _read_plan(plan_path)
   entries = [dict(dataclasses.asdict(u), version=PLAN_VERSION) for u in utts]
-  _write_lines(plan_path, [json.dumps(e, sort_keys=True) for e in entries])
 
   sizes, todo = {}, []
   for utt, entry in zip(utts, entries):
@@ -193,7 +195,10 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0, 
         continue
       except (RuntimeError, OSError):
         pass
+    if os.path.exists(path):  # stale audio must not pass for the new entry if its render fails or is killed
+      os.remove(path)
     todo.append(utt)
+  _write_lines(plan_path, [json.dumps(e, sort_keys=True) for e in entries])
   log.info("corpus %s: %d utterances planned, %d already rendered, %d to synthesise with %s",
            out_dir, len(utts), len(sizes), len(todo), ", ".join(engines))
   failed = {}

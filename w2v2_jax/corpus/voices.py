@@ -16,13 +16,15 @@ import shutil
 
 ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd",
                   "en-029", "en-us-nyc")
+# Variant names are file names in espeak-ng-data/voices/!v and case-sensitive: espeak-ng silently falls
+# back to its default voice for a name it does not find (so "alicia" would be the same speaker as "mike").
 ESPEAK_VARIANTS = {
-    "train": ("m1", "m2", "m5", "m7", "m8", "f1", "f3", "f5", "klatt", "klatt4", "adam", "andy", "annie",
-              "aunty", "belinda", "benjamin", "boris", "caleb", "david", "ed", "gene", "grandpa", "iven",
-              "john", "max", "michael", "mike", "norbert", "pablo", "paul", "quincy", "rob", "robert",
+    "train": ("m1", "m2", "m5", "m7", "m8", "f1", "f3", "f5", "klatt", "klatt4", "adam", "Andy", "Annie",
+              "aunty", "belinda", "benjamin", "boris", "caleb", "david", "ed", "Gene", "grandpa", "iven",
+              "john", "max", "Michael", "Mike", "norbert", "pablo", "paul", "quincy", "rob", "robert",
               "travis", "victor", "zac"),
     "valid": ("m3", "f2", "klatt2", "linda", "steph", "edward"),
-    "test": ("m4", "m6", "f4", "klatt3", "alicia", "grandma", "shelby"),
+    "test": ("m4", "m6", "f4", "klatt3", "Alicia", "grandma", "shelby"),
 }
 FLITE_VOICES = {"train": ("kal", "kal16", "awb"), "valid": ("rms",), "test": ("slt",)}
 FESTIVAL_VOICES = {"train": ("kal_diphone", "ked_diphone"), "valid": (), "test": ("cmu_us_slt_arctic_hts",)}
@@ -74,7 +76,9 @@ def inventory(engines) -> dict[str, list[Voice]]:
 def command(voice: Voice, text: str, wav_path: str, *, accent: str, speed: int, pitch: int) -> tuple[list, str | None]:
   """(argv, stdin text or None) that writes `text` spoken by `voice` to `wav_path` (engine's own rate).
 
-  accent/speed/pitch apply to espeak-ng only (speed in words per minute, pitch 0..99)."""
+  accent/speed/pitch apply to espeak-ng only (speed in words per minute, pitch 0..99). The text goes to
+  the engine in lower case: espeak-ng spells some all-caps words ("IT" -> "I T", "US" -> "U S")."""
+  text = text.lower()
   if voice.engine == "espeak-ng":
     return ["espeak-ng", "-v", f"{accent}+{voice.name}", "-s", str(speed), "-p", str(pitch), "-w", wav_path,
             "--", text], None
