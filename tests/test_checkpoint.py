@@ -100,6 +100,19 @@ def test_async_save_then_wait(tmp_path):
   ckpt.close()
 
 
+def test_relative_workdir(tmp_path, monkeypatch):
+  """`--workdir runs/x` (as `make demo` passes): Orbax needs absolute paths, the Checkpointer makes them."""
+  monkeypatch.chdir(tmp_path)
+  state = _state()
+  with Checkpointer(os.path.join("runs", "rel"), save_every=1, async_save=True) as ckpt:
+    assert ckpt.save(1, state, {"epoch": 2})
+    ckpt.wait()
+    assert str(ckpt.directory) == str(tmp_path / "runs" / "rel" / "checkpoints")
+  restored, data = Checkpointer("runs/rel").restore(state_template=state)
+  assert data == {"epoch": 2}
+  _leaves_equal(state, restored)
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path):
   state = _state()
   with Checkpointer(tmp_path, save_every=1) as ckpt:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
@@ -115,7 +116,8 @@ class Checkpointer:
   Every process must make the same calls in the same order (save and restore are collective).
 
   Args:
-    workdir: run directory (local path or a URL such as gs://bucket/run that etils.epath can open).
+    workdir: run directory (local path, relative or absolute, or a URL such as gs://bucket/run that
+      etils.epath can open).
     keep: how many of the latest checkpoints to keep; older ones are deleted after each save.
     save_every: `should_save(step)` (and an unforced `save`) accepts steps that are multiples of it.
     async_save: write in a background thread after the device-to-host copy (`wait()` joins it).
@@ -125,6 +127,9 @@ class Checkpointer:
                async_save: bool = True):
     if keep < 1 or save_every < 1:
       raise ValueError(f"keep={keep} and save_every={save_every} must both be >= 1")
+    workdir = os.fspath(workdir)
+    if "://" not in workdir:   # Orbax's tensorstore layer refuses relative local paths
+      workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / CHECKPOINT_DIR
     self.save_every = int(save_every)
     self._config = None
