@@ -53,19 +53,19 @@ def test_finetune_learns_and_exports(tmp_path):
   cli = [sys.executable, "-m", "w2v2_jax.cli"]
   # Pretrain the tiny model on the same audio (labels unused): a random frozen conv encoder learns
   # nothing in fine-tuning, as the paper's recipe implies.
-  pretrained = tmp_path / "pretrained"
-  proc = subprocess.run(cli + ["pretrain", f"--config={ROOT}/configs/pretrain.py:tiny", f"--workdir={pretrained}",
+  # Run folders are given relative to the working directory, as users type them.
+  proc = subprocess.run(cli + ["pretrain", f"--config={ROOT}/configs/pretrain.py:tiny", "--workdir=pretrained",
                                f"--config.data.train_manifest={tmp_path / 'data' / 'train.tsv'}"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
   workdir = tmp_path / "ft"
   cmd = cli + ["finetune", f"--config={ROOT}/configs/finetune.py:tiny",
-         f"--workdir={workdir}", f"--config.init={pretrained}",
+         "--workdir=ft", "--config.init=pretrained",
          f"--config.data.train_manifest={tmp_path / 'data' / 'train.tsv'}",
          f"--config.data.valid_manifest={tmp_path / 'data' / 'valid.tsv'}",
          "--config.train.steps=800", "--config.train.eval_every=200", "--config.train.log_every=50"]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
   logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]

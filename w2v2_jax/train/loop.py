@@ -185,9 +185,10 @@ def load_pretrained(path: str) -> Tuple[ModelConfig, Any]:
     if step is None:
       raise ValueError(f"init={path!r}: no complete checkpoint under {path}/{checkpoint.CHECKPOINT_DIR}")
     saved = ckpt.restore_config(step)
+    state_dir = ckpt.directory / str(step) / "state"     # absolute: Orbax refuses relative paths
     ckpt.close()
     cfg = ModelConfig.from_any(saved["model"])
-    state = ocp.StandardCheckpointer().restore(os.path.join(path, checkpoint.CHECKPOINT_DIR, str(step), "state"))
+    state = ocp.StandardCheckpointer().restore(state_dir)
     return cfg, jax.device_get(state["params"]["wav2vec2"])
   if os.path.isdir(path):
     cfg, params = convert.from_hf(path)
