@@ -151,8 +151,11 @@ def _demo(argv: List[str]) -> None:
   parser.add_argument("--corpus", default="data/tts_corpus", help="corpus folder (reused when present)")
   parser.add_argument("--hours", type=float, default=1.0, help="hours of synthetic train audio")
   parser.add_argument("--scale", type=float, default=1.0,
-                      help="multiplies the updates of both training stages (1: about 30 min on 2 cores)")
+                      help="multiplies the updates of both training stages (1: about 25 min on 2 cores)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--eval-minutes", type=float, default=5.0, help="minutes of valid and of test audio")
+  parser.add_argument("--labeled-minutes", type=float, default=10.0,
+                      help="minutes of labeled audio to fine-tune on (the corpus split train_<M>m)")
   parser.add_argument("--configs", default=None, help="configs folder (default: the checkout's configs/)")
   args = parser.parse_args(argv)
   from w2v2_jax import demo  # pylint: disable=import-outside-toplevel
@@ -160,8 +163,9 @@ def _demo(argv: List[str]) -> None:
   _quiet_libraries()
   try:
     demo.run(args.out, args.corpus, hours=args.hours, scale=args.scale, seed=args.seed, configs=args.configs,
+             eval_minutes=args.eval_minutes, labeled_minutes=args.labeled_minutes,
              say=lambda line: print(line, flush=True))
-  except (voices.EngineUnavailable, sentences.TextUnavailable) as e:
+  except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:
     sys.exit(f"w2v2 demo: {e}")
 
 

@@ -1,0 +1,71 @@
+"""`w2v2 demo` end to end at a tiny scale: corpus -> pretrain -> fine-tune -> evaluate -> report, and resume.
+
+The demo runs as a user runs it: the CLI in a fresh process on one CPU device (the suite's other tests
+see 8 fake devices), with run and corpus folders relative to the working directory, as `make demo`
+passes them."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from w2v2_jax import demo
+
+SCALE = 0.01          # 30 pretraining and 20 fine-tuning updates of the small configs
+ARGS = ["--out", "run", "--corpus", "corpus", "--hours", "0.03", "--scale", str(SCALE), "--eval-minutes", "0.3",
+        "--labeled-minutes", "0.5"]
+
+
+def run_demo(cwd):
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
+  env["XLA_FLAGS"] = flags
+  proc = subprocess.run([sys.executable, "-m", "w2v2_jax.cli", "demo"] + ARGS, cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads((cwd / "run" / "report.json").read_text())
+  return report, proc.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("demo")
+  report, lines = run_demo(root)
+  return root, report, lines
+
+
+def test_demo_report(demo_run):
+  root, report, lines = demo_run
+  run = root / "run"
+  assert report["pretrain"]["updates"] == 30 and report["finetune"]["updates"] == 20
+  # Chance level of the small config: ln(20 negatives + 1).
+  assert report["pretrain"]["chance_nats"] == pytest.approx(3.045, abs=1e-3)
+  assert report["corpus"]["test"]["utterances"] > 0 and report["corpus"]["train_0.5m"]["utterances"] > 0
+  assert 0.0 <= report["test"]["cer"] and report["test"]["utterances"] == report["corpus"]["test"]["utterances"]
+  with open(report["test"]["hypotheses"]) as f:
+    assert len(f.read().splitlines()) >= report["test"]["utterances"]
+  assert isinstance(report["transcribe"]["hypothesis"], str) and report["transcribe"]["reference"]
+  for png in report["plots"].values():
+    with open(png, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert (run / "finetune" / "export" / "config.json").exists()
+  md = (run / "report.md").read_text()
+  assert "test (unseen voices): WER" in md and lines[-len(demo.summary_lines(report)):] == demo.summary_lines(report)
+  assert any(line.startswith("== 2/5 pretraining: 30 updates") for line in lines)
+
+
+def test_demo_resumes_without_retraining(demo_run):
+  """A second run reuses the corpus and the finished checkpoints: no update is taken again."""
+  root, report, _ = demo_run
+  before = os.path.getmtime(root / "run" / "pretrain" / "metrics.jsonl")
+  again, _ = run_demo(root)
+  assert os.path.getmtime(root / "run" / "pretrain" / "metrics.jsonl") == before
+  assert again["test"] == report["test"] and again["pretrain"] == report["pretrain"]
+
+
+def test_demo_cli_rejects_bad_scale(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "w2v2_jax.cli", "demo", "--out", str(tmp_path / "r"), "--corpus",
+                         str(tmp_path / "c"), "--scale", "0"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "scale must be positive" in proc.stderr

@@ -1,0 +1,175 @@
+"""The end-to-end demo (`make demo`, `w2v2 demo`): the whole system on data it makes itself, on a CPU.
+
+  1. corpus      `w2v2 make-corpus`: ~1 h of synthetic English speech (espeak-ng / flite / festival),
+                 cached: a second run reuses the files.
+  2. pretrain    configs/pretrain.py:small (2.2M parameters) on the train audio, no labels.
+  3. finetune    configs/finetune.py:small_10m: CTC on the 10 labeled minutes (train_10m), validated
+                 on unseen voices; the best model by validation WER is exported.
+  4. evaluate    WER / CER of that model on the test split (voices and sentences never trained on).
+  5. transcribe  one test file, reference vs hypothesis.
+  6. report      PNG curves (pretraining loss vs its chance level ln(K+1), accuracy, prob perplexity,
+                 temperature; CTC loss and valid CER) and report.md / report.json in the run folder.
+
+Every stage resumes: a killed demo picks up where it stopped (checkpoints, finished corpus files).
+`scale` multiplies the number of updates of both training stages (1.0: about 30 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+from w2v2_jax.corpus import synthesize
+
+log = logging.getLogger(__name__)
+
+
+def configs_dir() -> str:
+  """The repo's configs/ folder (next to the package in a source checkout)."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(path: str, arg: str):
+  """`get_config(arg)` of a config file, e.g. ("configs/pretrain.py", "small")."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} not found; run the demo from a source checkout or pass "
+                            "--configs DIR")
+  spec = importlib.util.spec_from_file_location(f"_w2v2_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _scaled(steps: int, scale: float) -> int:
+  return max(1, int(round(steps * scale)))
+
+
+def _stage(name: str, say: Callable[[str], None]):
+  start = time.monotonic()
+  say(f"== {name}")
+  return start
+
+
+def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hours: float = 1.0, scale: float = 1.0,
+        seed: int = 0, eval_minutes: float = 5.0, labeled_minutes: float = 10.0, configs: Optional[str] = None,
+        say: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs (or resumes) the demo; returns the report (also written to out_dir/report.json).
+
+  hours / eval_minutes / labeled_minutes: the corpus (`make_corpus`); scale: multiplies the updates of
+  both training stages; `say` receives the stage headers and the final report lines (the CLI prints
+  them)."""
+  from w2v2_jax import inference, plots  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.data.audio import load_audio  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
+  if scale <= 0:
+    raise ValueError(f"scale must be positive, got {scale}")
+  configs = configs or configs_dir()
+  out_dir, corpus_dir = os.path.abspath(out_dir), os.path.abspath(corpus_dir)   # the report's paths work anywhere
+  os.makedirs(out_dir, exist_ok=True)
+  times, report = {}, {"seed": seed, "scale": scale}
+
+  start = _stage(f"1/5 corpus: {hours:g} h of synthetic speech in {corpus_dir} (cached after the first run)", say)
+  from w2v2_jax.cli import _ProgressBar  # pylint: disable=import-outside-toplevel
+  corpus = synthesize.make_corpus(corpus_dir, hours, eval_minutes=eval_minutes, labeled_minutes=labeled_minutes,
+                                  seed=seed, progress=_ProgressBar("synthesising"))
+  labeled = f"train_{labeled_minutes:g}m"
+  times["corpus"] = time.monotonic() - start
+  report["labeled_split"] = f"train_{labeled_minutes:g}m"
+  report["corpus"] = {k: {"utterances": v["utterances"], "minutes": round(v["hours"] * 60, 1),
+                          "voices": len(v["voices"])} for k, v in corpus["splits"].items()}
+  manifest = lambda split: os.path.join(corpus_dir, f"{split}.tsv")  # noqa: E731
+
+  pre_cfg = load_config(os.path.join(configs, "pretrain.py"), "small")
+  pre_cfg.data.train_manifest = manifest("train")
+  pre_cfg.train.steps = _scaled(pre_cfg.train.steps, scale)
+  pre_cfg.train.seed = pre_cfg.data.seed = seed
+  pre_dir = os.path.join(out_dir, "pretrain")
+  start = _stage(f"2/5 pretraining: {pre_cfg.train.steps} updates of {pre_cfg.batch.global_seconds:g} s of audio "
+                 f"-> {pre_dir}", say)
+  loop.pretrain(pre_cfg, pre_dir)
+  times["pretrain"] = time.monotonic() - start
+  records = plots.read_jsonl(os.path.join(pre_dir, "metrics.jsonl"))
+  chance = math.log(pre_cfg.model.num_negatives + pre_cfg.model.cross_sample_negatives + 1)
+  last = records[-1]
+  report["pretrain"] = {
+      "updates": int(last["step"]), "chance_nats": round(chance, 3),
+      "contrastive_first": round(records[0]["contrastive"], 3), "contrastive_last": round(last["contrastive"], 3),
+      "accuracy_last": round(last["accuracy"], 3), "prob_perplexity_last": round(last["prob_perplexity"], 1),
+      "codebook_size": pre_cfg.model.latent_groups * pre_cfg.model.latent_vars,
+      "leaves_chance_at": plots.chance_exit_step(records, chance)}
+
+  ft_cfg = load_config(os.path.join(configs, "finetune.py"), "small_10m")
+  ft_cfg.init = pre_dir
+  ft_cfg.data.train_manifest = manifest(labeled)
+  ft_cfg.data.valid_manifest = manifest("valid")
+  ft_cfg.train.steps = _scaled(ft_cfg.train.steps, scale)
+  ft_cfg.train.freeze_updates = min(ft_cfg.train.freeze_updates, ft_cfg.train.steps // 2)
+  ft_cfg.train.eval_every = max(1, min(ft_cfg.train.eval_every, ft_cfg.train.steps // 4))
+  ft_cfg.train.seed = ft_cfg.data.seed = seed
+  ft_dir = os.path.join(out_dir, "finetune")
+  start = _stage(f"3/5 fine-tuning (CTC): {ft_cfg.train.steps} updates on {labeled} -> {ft_dir}", say)
+  loop.finetune(ft_cfg, ft_dir)
+  times["finetune"] = time.monotonic() - start
+  with open(os.path.join(ft_dir, "best.json")) as f:
+    best = json.load(f)
+  report["finetune"] = {"updates": int(ft_cfg.train.steps), "best_step": best["step"],
+                        "valid_wer": round(best["wer"], 4), "valid_cer": round(best["cer"], 4)}
+
+  start = _stage("4/5 evaluating on the test split (unseen voices and sentences)", say)
+  recognizer = inference.Recognizer.load(os.path.join(ft_dir, "export"))
+  hyp_path = os.path.join(out_dir, "test_hypotheses.tsv")
+  scores = inference.evaluate(recognizer, manifest("test"), out_path=hyp_path)
+  times["evaluate"] = time.monotonic() - start
+  report["test"] = {"wer": round(float(scores["wer"]), 4), "cer": round(float(scores["cer"]), 4),
+                    "utterances": int(scores["utterances"]), "hypotheses": hyp_path}
+
+  start = _stage("5/5 transcribing one test file; plots; report", say)
+  with open(manifest("test"), encoding="utf-8") as f:
+    root, first = f.readline().strip(), f.readline().split("\t")[0]
+  with open(os.path.join(corpus_dir, "test.wrd"), encoding="utf-8") as f:
+    reference = f.readline().strip()
+  audio_path = os.path.join(root, first)
+  report["transcribe"] = {"file": audio_path, "reference": reference,
+                          "hypothesis": recognizer.transcribe([load_audio(audio_path)])[0]}
+  report["plots"] = {
+      "pretrain": plots.pretrain_figure(pre_dir, os.path.join(out_dir, "pretrain.png"),
+                                        num_negatives=pre_cfg.model.num_negatives),
+      "finetune": plots.finetune_figure(ft_dir, os.path.join(out_dir, "finetune.png"))}
+  times["report"] = time.monotonic() - start
+  report["minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
+  report["minutes"]["total"] = round(sum(times.values()) / 60, 2)
+  with open(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  lines = summary_lines(report)
+  with open(os.path.join(out_dir, "report.md"), "w") as f:
+    f.write("# w2v2_jax demo report\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
+  for line in lines:
+    say(line)
+  return report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+  """The human-readable report."""
+  c, p, ft, t, tr = (report[k] for k in ("corpus", "pretrain", "finetune", "test", "transcribe"))
+  labeled = c[report["labeled_split"]]
+  leaves = (f"left its chance level at update {p['leaves_chance_at']}" if p["leaves_chance_at"] is not None
+            else "did not leave its chance level")
+  return [
+      f"corpus: train {c['train']['minutes']} min ({c['train']['voices']} voices), labeled "
+      f"{labeled['minutes']} min, test {c['test']['minutes']} min ({c['test']['voices']} unseen voices)",
+      f"pretraining: {p['updates']} updates; contrastive loss {p['contrastive_first']} -> {p['contrastive_last']} "
+      f"nats (chance ln(K+1) = {p['chance_nats']}), {leaves}; accuracy {p['accuracy_last']}; "
+      f"prob perplexity {p['prob_perplexity_last']} of {p['codebook_size']} codewords",
+      f"fine-tuning: {ft['updates']} updates; best valid WER {ft['valid_wer']:.3f} CER {ft['valid_cer']:.3f} "
+      f"(update {ft['best_step']})",
+      f"test (unseen voices): WER {t['wer']:.3f} CER {t['cer']:.3f} on {t['utterances']} utterances",
+      f"transcribe {os.path.basename(tr['file'])}: REF {tr['reference']!r}",
+      f"{' ' * (len('transcribe ') + len(os.path.basename(tr['file'])))}  HYP {tr['hypothesis']!r}",
+      f"plots: {report['plots']['pretrain']}, {report['plots']['finetune']}",
+      f"time (min): " + ", ".join(f"{k} {v}" for k, v in report["minutes"].items()) + f"; seed {report['seed']}, "
+      f"scale {report['scale']}",
+  ]
