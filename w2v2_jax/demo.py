@@ -11,7 +11,7 @@
                  temperature; CTC loss and valid CER) and report.md / report.json in the run folder.
 
 Every stage resumes: a killed demo picks up where it stopped (checkpoints, finished corpus files).
-`scale` multiplies the number of updates of both training stages (1.0: about 30 minutes on 2 cores).
+`scale` multiplies the number of updates of both training stages (1.0: about 25 minutes on 2 cores).
 """
 from __future__ import annotations
 
