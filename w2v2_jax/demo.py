@@ -64,6 +64,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   them)."""
   from w2v2_jax import inference, plots  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data.audio import load_audio  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.data.manifest import read_manifest  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
   if scale <= 0:
     raise ValueError(f"scale must be positive, got {scale}")
@@ -78,7 +79,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
                                   seed=seed, progress=_ProgressBar("synthesising"))
   labeled = f"train_{labeled_minutes:g}m"
   times["corpus"] = time.monotonic() - start
-  report["labeled_split"] = f"train_{labeled_minutes:g}m"
+  report["labeled_split"] = labeled
   report["corpus"] = {k: {"utterances": v["utterances"], "minutes": round(v["hours"] * 60, 1),
                           "voices": len(v["voices"])} for k, v in corpus["splits"].items()}
   manifest = lambda split: os.path.join(corpus_dir, f"{split}.tsv")  # noqa: E731
@@ -128,11 +129,8 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
                     "utterances": int(scores["utterances"]), "hypotheses": hyp_path}
 
   start = _stage("5/5 transcribing one test file; plots; report", say)
-  with open(manifest("test"), encoding="utf-8") as f:
-    root, first = f.readline().strip(), f.readline().split("\t")[0]
-  with open(os.path.join(corpus_dir, "test.wrd"), encoding="utf-8") as f:
-    reference = f.readline().strip()
-  audio_path = os.path.join(root, first)
+  test_split = read_manifest(manifest("test"), label_exts=("wrd",))
+  audio_path, reference = os.path.join(test_split.root, test_split.paths[0]), test_split.labels["wrd"][0]
   report["transcribe"] = {"file": audio_path, "reference": reference,
                           "hypothesis": recognizer.transcribe([load_audio(audio_path)])[0]}
   report["plots"] = {
