@@ -4,6 +4,7 @@ import functools
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from w2v2_jax import models
 from w2v2_jax.models import presets
@@ -28,13 +29,14 @@ def batch(rows=8, samples=6400, seed=0):
           "label_padding": label_padding, "weight": weight}
 
 
-def run(devices, data, steps, freeze=0):
-  module = models.build(CFG)
+def run(devices, data, steps, freeze=0, freeze_mode="auto", cfg=CFG):
+  module = models.build(cfg)
   tx = optimizer.make(OPTIM, 100)
   params = jax.device_get(jax.jit(lambda r: module.init(r, np.zeros((1, 6400), np.float32))["params"])(
       {"params": jax.random.PRNGKey(0)}))
   fn = functools.partial(train_step.finetune_step, module=module, tx=tx,
-                         lr_schedule=schedules.learning_rate(OPTIM, 100), freeze_updates=freeze)
+                         lr_schedule=schedules.learning_rate(OPTIM, 100), freeze_updates=freeze,
+                         freeze_mode=freeze_mode)
   runner = parallel.DataParallel(fn, "shard_map", devices)
   state = runner.put_state(train_step.init_state(params, tx, jax.random.key(0)))
   history, snapshots = [], [params]
@@ -58,6 +60,26 @@ def test_freeze_then_train_everything_but_the_conv_encoder():
   assert not changed(snaps[0]["wav2vec2"]["feature_extractor"], snaps[4]["wav2vec2"]["feature_extractor"])
   assert hist[-1]["loss"] < hist[0]["loss"]                            # overfits the fixed batch
   assert hist[0]["utterances"] == 7.0                                  # the weight-0 row is not counted
+
+
+@pytest.mark.parametrize("grad_mult", [0.0, 1.0])
+def test_freeze_modes_make_the_same_updates(grad_mult):
+  # "cond" skips the backbone's backward while frozen; "mask" (the CPU default: XLA:CPU runs convolutions
+  # inside a conditional ~20x slower) runs it and zeroes the backbone's gradients. Same training.
+  cfg = CFG.replace(feature_grad_mult=grad_mult)
+  h_cond, s_cond = run(jax.devices()[:1], batch(), steps=4, freeze=2, freeze_mode="cond", cfg=cfg)
+  h_mask, s_mask = run(jax.devices()[:1], batch(), steps=4, freeze=2, freeze_mode="mask", cfg=cfg)
+  assert [h["frozen"] for h in h_mask] == [1.0, 1.0, 0.0, 0.0]
+  np.testing.assert_allclose([h["loss"] for h in h_cond], [h["loss"] for h in h_mask], rtol=1e-5)
+  assert not changed(s_mask[0]["wav2vec2"], s_mask[2]["wav2vec2"])
+  assert changed(s_mask[2]["wav2vec2"]["feature_extractor"], s_mask[4]["wav2vec2"]["feature_extractor"]) == (
+      grad_mult > 0)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(s_cond[-1]), jax.tree_util.tree_leaves(s_mask[-1])):
+    if "k_proj" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
+      continue    # zero gradient up to float noise (see test_eight_devices_match_one_device)
+    np.testing.assert_allclose(x, y, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+  with pytest.raises(ValueError, match="freeze_mode"):
+    run(jax.devices()[:1], batch(), steps=1, freeze=1, freeze_mode="sometimes")
 
 
 def test_eight_devices_match_one_device():

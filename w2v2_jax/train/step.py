@@ -174,7 +174,7 @@ def pretrain_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
 
 def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.GradientTransformation,
                   lr_schedule: Callable, freeze_updates: int = 0, blank_id: int = 0,
-                  axis_name: str = "data") -> Tuple[State, Dict[str, jnp.ndarray]]:
+                  axis_name: str = "data", freeze_mode: str = "auto") -> Tuple[State, Dict[str, jnp.ndarray]]:
   """One CTC fine-tuning update on this device's shard.
 
   batch: `audio` (A, b, L) float32, `padding_mask` (A, b, L) bool, `labels` (A, b, N) int32,
@@ -184,10 +184,20 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
   The loss is sentence-averaged as fairseq's: the sum of per-utterance CTC losses over the update
   divided by the global number of utterances; infinite losses (labels longer than the frames) are
   zeroed and counted. For the first `freeze_updates` applied updates only the output layer trains:
-  the backbone's params are behind `stop_gradient`, so no backward pass runs through it (and its
-  Adam moments stay zero). The conv encoder is frozen by the model config (feature_grad_mult=0).
+  the backbone's gradients are zero (and its Adam moments stay zero). The conv encoder is frozen by
+  the model config (feature_grad_mult=0).
   Masks (time and channel) and dropout are drawn per device by the model in training mode.
+
+  freeze_mode: how the freeze is switched off on device. "cond": `lax.cond` between a backward pass
+  that stops at the backbone and the full one (no backbone backward while frozen). "mask": always the
+  full backward, the backbone's gradients zeroed while frozen. Same updates either way. "auto": "mask"
+  on CPU, where XLA runs convolutions inside a conditional's branch about 20x slower than at top level
+  (an unfrozen conv encoder, feature_grad_mult > 0, then takes seconds per step), "cond" elsewhere.
   """
+  if freeze_mode == "auto":
+    freeze_mode = "mask" if jax.default_backend() == "cpu" else "cond"
+  if freeze_mode not in ("cond", "mask"):
+    raise ValueError(f"freeze_mode must be 'auto', 'cond' or 'mask', got {freeze_mode!r}")
   audio, padding = batch["audio"], batch["padding_mask"]
   labels, label_padding, weight = batch["labels"], batch["label_padding"], batch["weight"]
   num_micro = audio.shape[0]
@@ -219,8 +229,13 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
       return grads, aux
     return run
 
-  if freeze_updates > 0:
+  if freeze_updates > 0 and freeze_mode == "cond":
     grads, aux = jax.lax.cond(updates_done < freeze_updates, grads_for(True), grads_for(False), state["params"])
+  elif freeze_updates > 0:
+    grads, aux = grads_for(False)(state["params"])
+    frozen = updates_done < freeze_updates
+    grads = dict(grads, wav2vec2=jax.tree_util.tree_map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g),
+                                                       grads["wav2vec2"]))
   else:
     grads, aux = grads_for(False)(state["params"])
   grads = jax.lax.psum(grads, axis_name)
