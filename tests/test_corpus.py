@@ -338,6 +338,12 @@ def test_make_corpus_files_and_manifests(corpus):
   with open(os.path.join(out, "dict.ltr.txt"), encoding="utf-8") as f:
     counts = [(c, int(n)) for c, n in (line.split() for line in f)]
   assert counts == collections.Counter(" ".join(train.labels["ltr"]).split()).most_common()
+  # The language-model text has the train sentences and never a valid or test one.
+  with open(os.path.join(out, "lm.txt"), encoding="utf-8") as f:
+    lm_text = f.read().splitlines()
+  assert set(train.labels["wrd"]) <= set(lm_text)
+  assert not set(lm_text) & set(manifests["valid"].labels["wrd"] + manifests["test"].labels["wrd"])
+  assert len(lm_text) == len(set(lm_text)) > len(train)
 
 
 def test_same_seed_same_bytes(corpus, tmp_path):

@@ -18,7 +18,8 @@ import logging
 import sys
 from typing import List, Optional
 
-COMMANDS = ("pretrain", "finetune", "evaluate", "transcribe", "manifest", "convert", "make-corpus", "demo")
+COMMANDS = ("pretrain", "finetune", "evaluate", "transcribe", "manifest", "convert", "make-corpus", "build-lm",
+            "demo")
 
 
 def _pretrain(argv: List[str], job: str = "pretrain") -> None:
@@ -141,6 +142,39 @@ def _make_corpus(argv: List[str]) -> None:
   print(f"wrote {args.out}")
 
 
+def _build_lm(argv: List[str]) -> None:
+  parser = argparse.ArgumentParser(
+      prog="w2v2 build-lm",
+      description="Estimate a word n-gram language model (interpolated Kneser-Ney) and write it as an ARPA "
+                  "file for `w2v2 evaluate/transcribe --beam N --lm FILE`. Text: one sentence per line, "
+                  "normalised to the letter vocabulary (A-Z, apostrophe, space), e.g. a corpus's lm.txt "
+                  "(`w2v2 make-corpus` writes one without its valid and test sentences).")
+  parser.add_argument("--text", required=True, nargs="+", help="UTF-8 text file(s), one sentence per line")
+  parser.add_argument("--out", required=True, help="the ARPA file to write")
+  parser.add_argument("--order", type=int, default=4, help="n-gram order (>= 2, default 4)")
+  parser.add_argument("--exclude", nargs="*", default=[],
+                      help="files whose lines (after normalisation) are left out, e.g. valid.wrd test.wrd")
+  args = parser.parse_args(argv)
+  from w2v2_jax import lm  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.corpus.sentences import normalize  # pylint: disable=import-outside-toplevel
+
+  def lines(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        return [normalize(line) for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+      sys.exit(f"w2v2 build-lm: cannot read {path}: {e}")
+
+  excluded = {line for path in args.exclude for line in lines(path)}
+  text = [line for path in args.text for line in lines(path) if line and line not in excluded]
+  try:
+    stats = lm.build_arpa(text, args.out, order=args.order)
+  except ValueError as e:
+    sys.exit(f"w2v2 build-lm: {e} (text: {', '.join(args.text)})")
+  print(f"wrote {args.out}: {stats['order']}-gram, {stats['sentences']} sentences, {stats['words']} words, "
+        f"n-grams {stats['ngrams']}")
+
+
 def _demo(argv: List[str]) -> None:
   parser = argparse.ArgumentParser(
       prog="w2v2 demo",
@@ -189,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   jobs = {"pretrain": _pretrain, "finetune": lambda a: _pretrain(a, "finetune"), "manifest": _manifest,
           "convert": _convert, "evaluate": _evaluate, "transcribe": _transcribe,
-          "make-corpus": _make_corpus, "demo": _demo}
+          "make-corpus": _make_corpus, "build-lm": _build_lm, "demo": _demo}
   jobs[argv[0]](argv[1:])
 
 

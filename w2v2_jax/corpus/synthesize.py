@@ -6,6 +6,8 @@ Layout of OUT (every path below is written by `make_corpus`):
   {train,train_10m,valid,test}.tsv     fairseq manifests (root on line 1, then path<TAB>samples)
   *.ltr / *.wrd                        letter ("I N | T H E |") and word transcripts, same order
   dict.ltr.txt                         letter counts of train.ltr (fairseq dictionary)
+  lm.txt                               language-model text: every sentence of the source text but the
+                                       valid and test ones, one per line (`w2v2 build-lm`)
   plan.jsonl                           the utterance plan: text, voice, accent, speed, pitch, tempo...
   voices.tsv, corpus.json              voices per split; summary (hours, counts, seed, engines)
 
@@ -199,6 +201,8 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0, 
       os.remove(path)
     todo.append(utt)
   _write_lines(plan_path, [json.dumps(e, sort_keys=True) for e in entries])
+  held_out = {u.text for u in utts if u.split in ("valid", "test")}
+  _write_lines(os.path.join(out_dir, "lm.txt"), [t for t in texts if t not in held_out])
   log.info("corpus %s: %d utterances planned, %d already rendered, %d to synthesise with %s",
            out_dir, len(utts), len(sizes), len(todo), ", ".join(engines))
   failed = {}
