@@ -47,6 +47,12 @@ def test_demo_report(demo_run):
   with open(report["test"]["hypotheses"]) as f:
     assert len(f.read().splitlines()) >= report["test"]["utterances"]
   assert isinstance(report["transcribe"]["hypothesis"], str) and report["transcribe"]["reference"]
+  # Beam search with the 4-gram LM of the corpus text, weights chosen on valid (kenlm is a test dependency).
+  lm_ = report["test_lm"]
+  assert (lm_["alpha"], lm_["beta"]) in demo.LM_GRID and 0.0 <= lm_["cer"] and lm_["order"] == 4
+  with open(lm_["lm"], encoding="utf-8") as f:
+    assert f.readline() == "\\data\\\n"
+  assert any(line.startswith("test with beam 32 + 4-gram LM") for line in lines)
   for png in report["plots"].values():
     with open(png, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -63,6 +69,7 @@ def test_demo_resumes_without_retraining(demo_run):
   again, _ = run_demo(root)
   assert os.path.getmtime(root / "run" / "pretrain" / "metrics.jsonl") == before
   assert again["test"] == report["test"] and again["pretrain"] == report["pretrain"]
+  assert again["test_lm"] == report["test_lm"]
 
 
 def test_demo_cli_rejects_bad_scale(tmp_path):

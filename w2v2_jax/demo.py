@@ -5,7 +5,10 @@
   2. pretrain    configs/pretrain.py:small (2.2M parameters) on the train audio, no labels.
   3. finetune    configs/finetune.py:small_10m: CTC on the 10 labeled minutes (train_10m), validated
                  on unseen voices; the best model by validation WER is exported.
-  4. evaluate    WER / CER of that model on the test split (voices and sentences never trained on).
+  4. evaluate    WER / CER of that model on the test split (voices and sentences never trained on):
+                 greedy, and beam search with a word 4-gram LM (`w2v2 build-lm` on the corpus's lm.txt,
+                 which leaves out the valid and test sentences; LM weights chosen on valid), when the
+                 `kenlm` package is installed.
   5. transcribe  one test file, reference vs hypothesis.
   6. report      PNG curves (pretraining loss vs its chance level ln(K+1), accuracy, prob perplexity,
                  temperature; CTC loss and valid CER) and report.md / report.json in the run folder.
@@ -127,6 +130,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   times["evaluate"] = time.monotonic() - start
   report["test"] = {"wer": round(float(scores["wer"]), 4), "cer": round(float(scores["cer"]), 4),
                     "utterances": int(scores["utterances"]), "hypotheses": hyp_path}
+  report["test_lm"] = _lm_decoding(recognizer, corpus_dir, out_dir, manifest, say)
 
   start = _stage("5/5 transcribing one test file; plots; report", say)
   test_split = read_manifest(manifest("test"), label_exts=("wrd",))
@@ -150,10 +154,39 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   return report
 
 
+LM_ORDER = 4
+LM_BEAM = 32
+LM_GRID = ((0.1, 0.5), (0.1, 2.0), (0.2, 1.0), (0.2, 3.0), (0.5, 4.0))    # (alpha, beta) tried on valid
+
+
+def _lm_decoding(recognizer, corpus_dir: str, out_dir: str, manifest: Callable[[str], str],
+                 say: Callable[[str], None]) -> Optional[dict[str, Any]]:
+  """Beam search with a 4-gram LM: build it (cached), pick (alpha, beta) on valid, score test.
+  None (and a message) without kenlm."""
+  from w2v2_jax import inference, lm  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec("kenlm") is None:
+    say("LM decoding skipped: the kenlm package is not installed (pip install 'w2v2_jax[lm]')")
+    return None
+  text_path, lm_path = os.path.join(corpus_dir, "lm.txt"), os.path.join(out_dir, f"lm{LM_ORDER}.arpa")
+  if not os.path.exists(lm_path) or os.path.getmtime(lm_path) < os.path.getmtime(text_path):
+    with open(text_path, encoding="utf-8") as f:
+      lm.build_arpa(f.read().splitlines(), lm_path, order=LM_ORDER)
+  valid = [dict(alpha=a, beta=b, **{k: float(v) for k, v in inference.evaluate(
+      recognizer, manifest("valid"), beam_width=LM_BEAM, lm_path=lm_path, alpha=a, beta=b).items()
+      if k in ("wer", "cer")}) for a, b in LM_GRID]
+  best = min(valid, key=lambda r: r["cer"])
+  scores = inference.evaluate(recognizer, manifest("test"), beam_width=LM_BEAM, lm_path=lm_path,
+                              alpha=best["alpha"], beta=best["beta"])
+  return {"lm": lm_path, "order": LM_ORDER, "beam": LM_BEAM, "alpha": best["alpha"], "beta": best["beta"],
+          "valid_cer": round(best["cer"], 4), "valid_wer": round(best["wer"], 4),
+          "wer": round(float(scores["wer"]), 4), "cer": round(float(scores["cer"]), 4)}
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
   """The human-readable report."""
   c, p, ft, t, tr = (report[k] for k in ("corpus", "pretrain", "finetune", "test", "transcribe"))
   labeled = c[report["labeled_split"]]
+  lm_ = report.get("test_lm")
   leaves = (f"left its chance level at update {p['leaves_chance_at']}" if p["leaves_chance_at"] is not None
             else "did not leave its chance level")
   return [
@@ -164,7 +197,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
       f"prob perplexity {p['prob_perplexity_last']} of {p['codebook_size']} codewords",
       f"fine-tuning: {ft['updates']} updates; best valid WER {ft['valid_wer']:.3f} CER {ft['valid_cer']:.3f} "
       f"(update {ft['best_step']})",
-      f"test (unseen voices): WER {t['wer']:.3f} CER {t['cer']:.3f} on {t['utterances']} utterances",
+      f"test (unseen voices): WER {t['wer']:.3f} CER {t['cer']:.3f} on {t['utterances']} utterances (greedy)",
+      *([f"test with beam {lm_['beam']} + {lm_['order']}-gram LM (alpha {lm_['alpha']}, beta {lm_['beta']} "
+         f"chosen on valid): WER {lm_['wer']:.3f} CER {lm_['cer']:.3f}"] if lm_ else []),
       f"transcribe {os.path.basename(tr['file'])}: REF {tr['reference']!r}",
       f"{' ' * (len('transcribe ') + len(os.path.basename(tr['file'])))}  HYP {tr['hypothesis']!r}",
       f"plots: {report['plots']['pretrain']}, {report['plots']['finetune']}",
