@@ -207,3 +207,21 @@ def test_averager_keeps_values_on_device_until_result():
   assert isinstance(avg._device["x"], jax.Array)          # an on-device running total, not a float
   assert avg.result(reset=False) == {"x": 1.0}
   assert avg.result() == {"x": 1.0}
+
+
+def test_progress_bar_lines_rate_and_eta():
+  import io
+  from w2v2_jax.progress import ProgressBar
+  now = [100.0]
+  stream = io.StringIO()                      # not a terminal: a line per 10 % and one at the end
+  bar = ProgressBar("synthesising", stream=stream, clock=lambda: now[0])
+  bar(20, 120)                                # resumed: 20 items were done by an earlier run
+  for done in range(21, 121):
+    now[0] += 0.5                             # 2 items/s from here
+    bar(done, 120)
+  lines = stream.getvalue().splitlines()
+  assert lines[0] == f"synthesising [{'#' * 5}{'.' * 25}] 20/120 0.0/s ETA --:--:--"
+  assert lines[-1] == f"synthesising [{'#' * 30}] 120/120 2.0/s ETA 00:00:00"
+  assert len(lines) == 10                     # deciles 1..9 once each, then the final line
+  mid = next(line for line in lines if " 60/120 " in line)
+  assert mid.endswith("2.0/s ETA 00:00:30")

@@ -7,6 +7,7 @@
   w2v2 manifest --root DIR --out DIR [--valid-percent 0.01] [--ext flac,wav]
   w2v2 convert SRC OUT_DIR            (Hugging Face dir or fairseq .pt -> Hugging Face dir)
   w2v2 make-corpus --out DIR [--hours 1] (offline English speech from the OS's TTS engines)
+  w2v2 build-lm --text FILE --out LM.arpa [--order 4]   (Kneser-Ney word n-gram for beam search)
   w2v2 demo [--out runs/demo] [--scale 1]  (corpus -> pretrain -> fine-tune -> evaluate -> report)
 
 The CLI only wires flags to library functions.
@@ -82,33 +83,6 @@ def _convert(argv: List[str]) -> None:
   print(f"wrote {args.out_dir} ({cfg.task})")
 
 
-class _ProgressBar:
-  """A one-line progress bar with rate and ETA on stderr (a line per 10 % when not a terminal)."""
-
-  def __init__(self, label: str, stream=None):
-    import time  # pylint: disable=import-outside-toplevel
-    self._time = time.monotonic
-    self._label, self._stream = label, stream or sys.stderr
-    self._start, self._first, self._last_decile = self._time(), None, -1
-
-  def __call__(self, done: int, total: int) -> None:
-    from w2v2_jax.train.metrics import format_eta  # pylint: disable=import-outside-toplevel
-    if self._first is None:
-      self._first = done
-    elapsed = self._time() - self._start
-    rate = (done - self._first) / elapsed if elapsed > 0 and done > self._first else 0.0
-    eta = (total - done) / rate if rate > 0 else None
-    frac = done / total if total else 1.0
-    bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-    line = f"{self._label} [{bar}] {done}/{total} {rate:.1f}/s ETA {format_eta(eta)}"
-    if self._stream.isatty():
-      self._stream.write("\r" + line + ("\n" if done >= total else ""))
-    elif int(10 * frac) > self._last_decile or done >= total:
-      self._last_decile = int(10 * frac)
-      self._stream.write(line + "\n")
-    self._stream.flush()
-
-
 def _make_corpus(argv: List[str]) -> None:
   parser = argparse.ArgumentParser(
       prog="w2v2 make-corpus",
@@ -127,11 +101,12 @@ def _make_corpus(argv: List[str]) -> None:
   parser.add_argument("--workers", type=int, default=None, help="parallel renders (default: CPU count)")
   args = parser.parse_args(argv)
   from w2v2_jax.corpus import synthesize, voices, sentences  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.progress import ProgressBar  # pylint: disable=import-outside-toplevel
   try:
     summary = synthesize.make_corpus(
         args.out, args.hours, eval_minutes=args.eval_minutes, labeled_minutes=args.labeled_minutes,
         seed=args.seed, engines=[e.strip() for e in args.engines.split(",") if e.strip()], text_file=args.text,
-        workers=args.workers, progress=_ProgressBar("synthesising"))
+        workers=args.workers, progress=ProgressBar("synthesising"))
   except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:  # ValueError: bad --engines/--hours
     sys.exit(f"w2v2 make-corpus: {e}")
   for name, split in summary["splits"].items():
@@ -179,17 +154,19 @@ def _demo(argv: List[str]) -> None:
   parser = argparse.ArgumentParser(
       prog="w2v2 demo",
       description="The whole system on 2 CPU cores: synthesise a corpus (cached), pretrain the small model, "
-                  "fine-tune it with CTC on 10 labeled minutes, evaluate on unseen voices, transcribe a file, "
+                  "fine-tune it with CTC on the labeled hour, evaluate on unseen voices, transcribe a file, "
                   "plot the curves and write a report. A killed demo resumes where it stopped.")
   parser.add_argument("--out", default="runs/demo", help="run folder (checkpoints, plots, report)")
   parser.add_argument("--corpus", default="data/tts_corpus", help="corpus folder (reused when present)")
   parser.add_argument("--hours", type=float, default=1.0, help="hours of synthetic train audio")
   parser.add_argument("--scale", type=float, default=1.0,
-                      help="multiplies the updates of both training stages (1: about 25 min on 2 cores)")
+                      help="multiplies the updates of both training stages (1: about 30 min on 2 cores)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--eval-minutes", type=float, default=5.0, help="minutes of valid and of test audio")
-  parser.add_argument("--labeled-minutes", type=float, default=10.0,
-                      help="minutes of labeled audio to fine-tune on (the corpus split train_<M>m)")
+  parser.add_argument("--labeled-minutes", type=float, default=60.0,
+                      help="minutes of labeled audio to fine-tune on (the corpus split train_<M>m; default 60)")
+  parser.add_argument("--finetune-config", default="small_1h",
+                      help="configs/finetune.py entry (default small_1h; small_10m for --labeled-minutes 10)")
   parser.add_argument("--configs", default=None, help="configs folder (default: the checkout's configs/)")
   args = parser.parse_args(argv)
   from w2v2_jax import demo  # pylint: disable=import-outside-toplevel
@@ -198,6 +175,7 @@ def _demo(argv: List[str]) -> None:
   try:
     demo.run(args.out, args.corpus, hours=args.hours, scale=args.scale, seed=args.seed, configs=args.configs,
              eval_minutes=args.eval_minutes, labeled_minutes=args.labeled_minutes,
+             finetune_config=args.finetune_config,
              say=lambda line: print(line, flush=True))
   except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:
     sys.exit(f"w2v2 demo: {e}")

@@ -3,8 +3,10 @@
   1. corpus      `w2v2 make-corpus`: ~1 h of synthetic English speech (espeak-ng / flite / festival),
                  cached: a second run reuses the files.
   2. pretrain    configs/pretrain.py:small (2.2M parameters) on the train audio, no labels.
-  3. finetune    configs/finetune.py:small_10m: CTC on the 10 labeled minutes (train_10m), validated
-                 on unseen voices; the best model by validation WER is exported.
+  3. finetune    configs/finetune.py:small_1h: CTC on the labeled hour (train_60m: all of train at the
+                 default size), conv encoder included, validated on unseen voices; the best model by
+                 validation WER is exported. (small_10m on train_10m: `labeled_minutes=10,
+                 finetune_config="small_10m"`.)
   4. evaluate    WER / CER of that model on the test split (voices and sentences never trained on):
                  greedy, and beam search with a word 4-gram LM (`w2v2 build-lm` on the corpus's lm.txt,
                  which leaves out the valid and test sentences; LM weights chosen on valid), when the
@@ -14,7 +16,7 @@
                  temperature; CTC loss and valid CER) and report.md / report.json in the run folder.
 
 Every stage resumes: a killed demo picks up where it stopped (checkpoints, finished corpus files).
-`scale` multiplies the number of updates of both training stages (1.0: about 25 minutes on 2 cores).
+`scale` multiplies the number of updates of both training stages (1.0: about 30 minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -58,16 +60,18 @@ def _stage(name: str, say: Callable[[str], None]):
 
 
 def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hours: float = 1.0, scale: float = 1.0,
-        seed: int = 0, eval_minutes: float = 5.0, labeled_minutes: float = 10.0, configs: Optional[str] = None,
-        say: Callable[[str], None] = print) -> dict[str, Any]:
+        seed: int = 0, eval_minutes: float = 5.0, labeled_minutes: float = 60.0, configs: Optional[str] = None,
+        finetune_config: str = "small_1h", say: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or resumes) the demo; returns the report (also written to out_dir/report.json).
 
-  hours / eval_minutes / labeled_minutes: the corpus (`make_corpus`); scale: multiplies the updates of
-  both training stages; `say` receives the stage headers and the final report lines (the CLI prints
+  hours / eval_minutes / labeled_minutes: the corpus (`make_corpus`); the labeled split train_<M>m is
+  what fine-tuning trains on, with configs/finetune.py:`finetune_config`; scale: multiplies the updates
+  of both training stages; `say` receives the stage headers and the final report lines (the CLI prints
   them)."""
   from w2v2_jax import inference, plots  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data.audio import load_audio  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data.manifest import read_manifest  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.progress import ProgressBar  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
   if scale <= 0:
     raise ValueError(f"scale must be positive, got {scale}")
@@ -77,12 +81,12 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   times, report = {}, {"seed": seed, "scale": scale}
 
   start = _stage(f"1/5 corpus: {hours:g} h of synthetic speech in {corpus_dir} (cached after the first run)", say)
-  from w2v2_jax.cli import _ProgressBar  # pylint: disable=import-outside-toplevel
   corpus = synthesize.make_corpus(corpus_dir, hours, eval_minutes=eval_minutes, labeled_minutes=labeled_minutes,
-                                  seed=seed, progress=_ProgressBar("synthesising"))
+                                  seed=seed, progress=ProgressBar("synthesising"))
   labeled = f"train_{labeled_minutes:g}m"
   times["corpus"] = time.monotonic() - start
   report["labeled_split"] = labeled
+  report["finetune_config"] = finetune_config
   report["corpus"] = {k: {"utterances": v["utterances"], "minutes": round(v["hours"] * 60, 1),
                           "voices": len(v["voices"])} for k, v in corpus["splits"].items()}
   manifest = lambda split: os.path.join(corpus_dir, f"{split}.tsv")  # noqa: E731
@@ -106,7 +110,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
       "codebook_size": pre_cfg.model.latent_groups * pre_cfg.model.latent_vars,
       "leaves_chance_at": plots.chance_exit_step(records, chance)}
 
-  ft_cfg = load_config(os.path.join(configs, "finetune.py"), "small_10m")
+  ft_cfg = load_config(os.path.join(configs, "finetune.py"), finetune_config)
   ft_cfg.init = pre_dir
   ft_cfg.data.train_manifest = manifest(labeled)
   ft_cfg.data.valid_manifest = manifest("valid")
@@ -195,7 +199,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
       f"pretraining: {p['updates']} updates; contrastive loss {p['contrastive_first']} -> {p['contrastive_last']} "
       f"nats (chance ln(K+1) = {p['chance_nats']}), {leaves}; accuracy {p['accuracy_last']}; "
       f"prob perplexity {p['prob_perplexity_last']} of {p['codebook_size']} codewords",
-      f"fine-tuning: {ft['updates']} updates; best valid WER {ft['valid_wer']:.3f} CER {ft['valid_cer']:.3f} "
+      f"fine-tuning ({report.get('finetune_config', '?')} on {report['labeled_split']}): {ft['updates']} updates; "
+      f"best valid WER {ft['valid_wer']:.3f} CER {ft['valid_cer']:.3f} "
       f"(update {ft['best_step']})",
       f"test (unseen voices): WER {t['wer']:.3f} CER {t['cer']:.3f} on {t['utterances']} utterances (greedy)",
       *([f"test with beam {lm_['beam']} + {lm_['order']}-gram LM (alpha {lm_['alpha']}, beta {lm_['beta']} "
