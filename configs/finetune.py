@@ -61,7 +61,7 @@ def get_config(arg: str = "base_10m") -> ml_collections.ConfigDict:
       arg, "base" if arg.startswith("base") else "large_lv60")
   lr, updates, mask_prob, channel_prob, layerdrop, freeze = RECIPE.get(arg, {
       "tiny": (5e-4, 300, 0.3, 0.1, 0.0, 50), "small_10m": (5e-4, 2000, 0.3, 0.1, 0.0, 200),
-      "small_1h": (5e-4, 2000, 0.1, 0.0, 0.0, 200)}.get(arg))
+      "small_1h": (5e-4, 3000, 0.1, 0.0, 0.0, 200)}.get(arg))
   model = presets.get(size).replace(
       task="ctc", vocab_size=32, dropout=0.0, attention_dropout=0.0, activation_dropout=0.1, dropout_input=0.0,
       dropout_features=0.0, final_dropout=0.0, encoder_layerdrop=layerdrop, feature_grad_mult=0.0,
@@ -82,7 +82,8 @@ def get_config(arg: str = "base_10m") -> ml_collections.ConfigDict:
       lr=lr, schedule="tri_stage", warmup_fraction=0.1, hold_fraction=0.4, init_lr_scale=0.01,
       final_lr_scale=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=0.0))
   c.train = ml_collections.ConfigDict(dict(steps=updates, freeze_updates=freeze, seed=0, log_every=200,
-                                           eval_every=1000, checkpoint_every=1000, keep_checkpoints=3))
+                                           eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,
+                                           best_metric="wer"))     # exported model: best valid "wer" or "cer"
   c.parallel = ml_collections.ConfigDict(dict(mode="shard_map"))
   if size == "large_lv60":
     c.data.normalize = True
@@ -99,6 +100,7 @@ def get_config(arg: str = "base_10m") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
   if arg == "small_1h":
     c.model.feature_grad_mult = 1.0
+    c.train.best_metric = "cer"     # at WER ~0.8 words are noise; letters are what the demo measures
   if arg == "tiny":
     c.model.mask_channel_length = 8
     c.data.buckets = (16000, 32000, 48000)

@@ -55,7 +55,8 @@ def test_finetune_configs(arg):
   if arg == "large_1h":
     assert (c.optim.lr, model.mask_prob, model.layer_norm_first) == (3e-4, 0.75, True)
   if arg == "small_1h":
-    assert (model.mask_prob, model.mask_channel_prob, c.train.steps, c.train.freeze_updates) == (0.1, 0.0, 2000, 200)
+    assert (model.mask_prob, model.mask_channel_prob, c.train.steps, c.train.freeze_updates) == (0.1, 0.0, 3000, 200)
+    assert c.train.best_metric == "cer"
 
 
 def test_unknown_config_names_are_rejected():

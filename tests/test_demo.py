@@ -57,6 +57,11 @@ def test_demo_report(demo_run):
     with open(png, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert (run / "finetune" / "export" / "config.json").exists()
+  # small_1h exports the model of the lowest valid CER.
+  valid = [json.loads(line) for line in (run / "finetune" / "valid.jsonl").read_text().splitlines()]
+  best = json.loads((run / "finetune" / "best.json").read_text())
+  assert best["metric"] == "cer" and best["cer"] == min(v["valid/cer"] for v in valid)
+  assert report["finetune"]["valid_cer"] == pytest.approx(best["cer"], abs=1e-4)
   md = (run / "report.md").read_text()
   assert "test (unseen voices): WER" in md and lines[-len(demo.summary_lines(report)):] == demo.summary_lines(report)
   assert any(line.startswith("== 2/5 pretraining: 30 updates") for line in lines)

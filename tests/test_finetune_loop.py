@@ -87,3 +87,16 @@ def test_finetune_learns_and_exports(tmp_path):
   out = models.build(ours_cfg).apply({"params": ours_params}, audio[None])
   np.testing.assert_allclose(np.asarray(out["logits"]), ref, atol=1e-4)
   assert json.load(open(export / "vocab.json"))["|"] == 4
+
+
+def test_best_metric_is_checked_before_training(tmp_path):
+  import importlib.util
+  from w2v2_jax.train import loop
+  spec = importlib.util.spec_from_file_location("finetune_cfg", os.path.join(ROOT, "configs", "finetune.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.train.best_metric = "bleu"
+  with pytest.raises(ValueError, match="best_metric"):
+    loop.finetune(config, str(tmp_path / "ft"))
+  assert not (tmp_path / "ft").exists()

@@ -5,7 +5,7 @@
   2. pretrain    configs/pretrain.py:small (2.2M parameters) on the train audio, no labels.
   3. finetune    configs/finetune.py:small_1h: CTC on the labeled hour (train_60m: all of train at the
                  default size), conv encoder included, validated on unseen voices; the best model by
-                 validation WER is exported. (small_10m on train_10m: `labeled_minutes=10,
+                 validation CER is exported. (small_10m on train_10m: `labeled_minutes=10,
                  finetune_config="small_10m"`.)
   4. evaluate    WER / CER of that model on the test split (voices and sentences never trained on):
                  greedy, and beam search with a word 4-gram LM (`w2v2 build-lm` on the corpus's lm.txt,
@@ -200,7 +200,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
       f"nats (chance ln(K+1) = {p['chance_nats']}), {leaves}; accuracy {p['accuracy_last']}; "
       f"prob perplexity {p['prob_perplexity_last']} of {p['codebook_size']} codewords",
       f"fine-tuning ({report.get('finetune_config', '?')} on {report['labeled_split']}): {ft['updates']} updates; "
-      f"best valid WER {ft['valid_wer']:.3f} CER {ft['valid_cer']:.3f} "
+      f"best valid CER {ft['valid_cer']:.3f} WER {ft['valid_wer']:.3f} "
       f"(update {ft['best_step']})",
       f"test (unseen voices): WER {t['wer']:.3f} CER {t['cer']:.3f} on {t['utterances']} utterances (greedy)",
       *([f"test with beam {lm_['beam']} + {lm_['order']}-gram LM (alpha {lm_['alpha']}, beta {lm_['beta']} "

@@ -221,10 +221,14 @@ def finetune_model_config(config: Any, vocab_size: int) -> Tuple[ModelConfig, An
 
 
 def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> Dict[str, float]:
-  """Runs (or resumes) CTC fine-tuning. The best model by validation WER is exported as a Hugging Face
-  directory (config.json, model.safetensors, vocab.json) to `<workdir>/export`."""
+  """Runs (or resumes) CTC fine-tuning. The best model by validation WER (or CER, with
+  config.train.best_metric="cer") is exported as a Hugging Face directory (config.json,
+  model.safetensors, vocab.json) to `<workdir>/export`; `<workdir>/best.json` says which step."""
   import os  # pylint: disable=import-outside-toplevel
   from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
+  metric = str(config.train.get("best_metric", "wer"))
+  if metric not in ("wer", "cer"):
+    raise ValueError(f"config.train.best_metric must be 'wer' or 'cer', got {metric!r}")
   parallel.initialize_distributed()
   vocab = load_vocabulary(config.data.vocab)
   model_cfg, backbone = finetune_model_config(config, len(vocab))
@@ -263,7 +267,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
 
   recognizer = None      # validation = `w2v2 evaluate` on the current params (same code, same numbers)
   best_path = os.path.join(workdir, "best.json")
-  best = {"wer": math.inf}
+  best = {metric: math.inf}
   if os.path.exists(best_path):
     best = json.load(open(best_path))
   export_dir = os.path.join(workdir, "export")
@@ -286,12 +290,12 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "valid.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **result}) + "\n")
-      if result.get("valid/wer", math.inf) < best["wer"]:
-        best.update(wer=result["valid/wer"], cer=result["valid/cer"], step=step)
+      if result[f"valid/{metric}"] < best.get(metric, math.inf):
+        best.update(wer=result["valid/wer"], cer=result["valid/cer"], step=step, metric=metric)
         inference.export_hf(model_cfg, params_now, vocab, export_dir, normalize=bool(config.data.normalize))
         with open(best_path, "w") as f:
           json.dump(best, f)
-        log.info("new best WER %.4f at step %d: exported to %s", best["wer"], step, export_dir)
+        log.info("new best %s %.4f at step %d: exported to %s", metric.upper(), best[metric], step, export_dir)
 
   os.makedirs(workdir, exist_ok=True)
   return _run(config, workdir, step_fn=step_fn, tx=tx, iterator=iterator, params=params,
