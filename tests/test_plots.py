@@ -191,3 +191,16 @@ def test_missing_matplotlib_says_which_extra(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "matplotlib", None)
   with pytest.raises(ImportError, match=r"pip install 'w2v2_jax\[demo\]'"):
     plots.pretrain_figure(str(tmp_path), str(tmp_path / "p.png"))
+
+
+@pytest.mark.parametrize("metric", [None, "cer"])
+def test_finetune_figure_marks_the_exported_model(tmp_path, monkeypatch, metric):
+  finetune_run(str(tmp_path))                 # best WER 70% at step 600, best CER 85% at step 800
+  if metric:
+    with open(tmp_path / "best.json", "w") as f:
+      json.dump({"wer": 0.75, "cer": 0.85, "step": 800, "metric": metric}, f)
+  figures = []
+  monkeypatch.setattr(plots, "_save", lambda fig, out, dpi: figures.append(fig) or out)
+  plots.finetune_figure(str(tmp_path), str(tmp_path / "f.png"))
+  labels = [t.get_text() for t in figures[0].axes[1].get_legend().get_texts()]
+  assert ("best CER 85.0% (step 800)" if metric else "best WER 70.0% (step 600)") in labels

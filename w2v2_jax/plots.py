@@ -293,7 +293,8 @@ def finetune_figure(workdir: str, out_png: str, *, size_px: Tuple[int, int] = (1
 
   (a) CTC training loss (nats per utterance; log scale), the first `train.freeze_updates` steps, when
       only the output layer trains, shaded;
-  (b) validation CER and WER in percent from valid.jsonl, the best WER marked (the exported model).
+  (b) validation CER and WER in percent from valid.jsonl, the exported model marked: the best by the
+      run's train.best_metric (best.json's "metric"; WER when absent).
 
   Args:
     workdir: the run directory holding metrics.jsonl (and valid.jsonl when it validated).
@@ -335,12 +336,17 @@ def finetune_figure(workdir: str, out_png: str, *, size_px: Tuple[int, int] = (1
 
   drawn = _plot(ax_err, valid, "cer", "CER", color="C0", marker="o")
   drawn |= _plot(ax_err, valid, "wer", "WER", color="C1", marker="s")
-  steps, wers = _series(valid, "wer")
-  finite = [(w, s) for s, w in zip(steps, wers) if math.isfinite(w)]
+  metric = "wer"
+  best_path = os.path.join(workdir, "best.json")
+  if os.path.isfile(best_path):
+    with open(best_path, encoding="utf-8") as f:
+      metric = json.load(f).get("metric", "wer")
+  steps, values = _series(valid, metric)
+  finite = [(v, s) for s, v in zip(steps, values) if math.isfinite(v)]
   if finite:
-    best_wer, best_step = min(finite)
-    ax_err.plot([best_step], [best_wer], linestyle="none", marker="*", markersize=14, color="C3",
-                label=f"best WER {best_wer:.1f}% (step {best_step})")
+    best_value, best_step = min(finite)
+    ax_err.plot([best_step], [best_value], linestyle="none", marker="*", markersize=14, color="C3",
+                label=f"best {metric.upper()} {best_value:.1f}% (step {best_step})")
   ax_err.set_ylim(bottom=0.0)
   _finish(ax_err, "(b) validation error rates", "error rate (%)", drawn)
   return _save(fig, out_png, dpi)
