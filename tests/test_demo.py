@@ -39,7 +39,7 @@ def demo_run(tmp_path_factory):
 def test_demo_report(demo_run):
   root, report, lines = demo_run
   run = root / "run"
-  assert report["pretrain"]["updates"] == 30 and report["finetune"]["updates"] == 20
+  assert report["pretrain"]["updates"] == 30 and report["finetune"]["updates"] == 30     # 3000 x scale 0.01
   # Chance level of the small config: ln(20 negatives + 1).
   assert report["pretrain"]["chance_nats"] == pytest.approx(3.045, abs=1e-3)
   assert report["corpus"]["test"]["utterances"] > 0 and report["corpus"]["train_0.5m"]["utterances"] > 0
