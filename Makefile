@@ -41,7 +41,7 @@ test: $(STAMP) corpus-deps
 bench: $(STAMP)
 	$(PY) benchmarks/pretrain_step.py
 
-# make demo [SCALE=0.3] [HOURS=1] [SEED=0]: SCALE multiplies the training updates (1: about 30 min on 2 cores).
+# make demo [SCALE=0.3] [HOURS=1] [SEED=0]: SCALE multiplies the training updates (1: about 36 min on 2 cores).
 SCALE ?= 1
 HOURS ?= 1
 SEED ?= 0

@@ -71,8 +71,10 @@ def test_demo_resumes_without_retraining(demo_run):
   """A second run reuses the corpus and the finished checkpoints: no update is taken again."""
   root, report, _ = demo_run
   before = os.path.getmtime(root / "run" / "pretrain" / "metrics.jsonl")
+  lm_before = os.path.getmtime(report["test_lm"]["lm"])
   again, _ = run_demo(root)
   assert os.path.getmtime(root / "run" / "pretrain" / "metrics.jsonl") == before
+  assert os.path.getmtime(report["test_lm"]["lm"]) == lm_before       # the cached LM is not rebuilt
   assert again["test"] == report["test"] and again["pretrain"] == report["pretrain"]
   assert again["test_lm"] == report["test_lm"]
 

@@ -160,7 +160,7 @@ def _demo(argv: List[str]) -> None:
   parser.add_argument("--corpus", default="data/tts_corpus", help="corpus folder (reused when present)")
   parser.add_argument("--hours", type=float, default=1.0, help="hours of synthetic train audio")
   parser.add_argument("--scale", type=float, default=1.0,
-                      help="multiplies the updates of both training stages (1: about 30 min on 2 cores)")
+                      help="multiplies the updates of both training stages (1: about 36 min on 2 cores)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--eval-minutes", type=float, default=5.0, help="minutes of valid and of test audio")
   parser.add_argument("--labeled-minutes", type=float, default=60.0,

@@ -16,7 +16,7 @@
                  temperature; CTC loss and valid CER) and report.md / report.json in the run folder.
 
 Every stage resumes: a killed demo picks up where it stopped (checkpoints, finished corpus files).
-`scale` multiplies the number of updates of both training stages (1.0: about 30 minutes on 2 cores).
+`scale` multiplies the number of updates of both training stages (1.0: about 36 minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
       f"pretraining: {p['updates']} updates; contrastive loss {p['contrastive_first']} -> {p['contrastive_last']} "
       f"nats (chance ln(K+1) = {p['chance_nats']}), {leaves}; accuracy {p['accuracy_last']}; "
       f"prob perplexity {p['prob_perplexity_last']} of {p['codebook_size']} codewords",
-      f"fine-tuning ({report.get('finetune_config', '?')} on {report['labeled_split']}): {ft['updates']} updates; "
+      f"fine-tuning ({report['finetune_config']} on {report['labeled_split']}): {ft['updates']} updates; "
       f"best valid CER {ft['valid_cer']:.3f} WER {ft['valid_wer']:.3f} "
       f"(update {ft['best_step']})",
       f"test (unseen voices): WER {t['wer']:.3f} CER {t['cer']:.3f} on {t['utterances']} utterances (greedy)",

@@ -153,9 +153,16 @@ def _read_plan(path: str) -> dict[str, dict]:
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:
+  """Writes the lines atomically; a file that already holds them is left alone (a resumed corpus keeps
+  its files' times, so what is built from them, e.g. the demo's LM from lm.txt, stays cached)."""
+  text = "".join(line + "\n" for line in lines)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      if f.read() == text:
+        return
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    f.write("".join(line + "\n" for line in lines))
+    f.write(text)
   os.replace(tmp, path)
 
 

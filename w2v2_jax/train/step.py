@@ -231,13 +231,12 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
 
   if freeze_updates > 0 and freeze_mode == "cond":
     grads, aux = jax.lax.cond(updates_done < freeze_updates, grads_for(True), grads_for(False), state["params"])
-  elif freeze_updates > 0:
-    grads, aux = grads_for(False)(state["params"])
-    frozen = updates_done < freeze_updates
-    grads = dict(grads, wav2vec2=jax.tree_util.tree_map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g),
-                                                       grads["wav2vec2"]))
   else:
     grads, aux = grads_for(False)(state["params"])
+    if freeze_updates > 0:
+      frozen = updates_done < freeze_updates
+      grads = dict(grads, wav2vec2=jax.tree_util.tree_map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g),
+                                                         grads["wav2vec2"]))
   grads = jax.lax.psum(grads, axis_name)
   new_state, update_stats = apply_gradients(state, grads, tx)
   sums = jax.lax.psum(aux, axis_name)
