@@ -17,6 +17,8 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	# pyctcdecode pins numpy<2 in every release (jax needs numpy>=2) but runs with it: no deps.
 	$(PY) -m pip install --no-deps pyctcdecode pygtrie
+	# libtpu (the TPU compiler for `w2v2 compile-check` and its tests) at the installed jax's version.
+	$(PY) -m pip install "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 	touch $(STAMP)
 
 install: $(STAMP)

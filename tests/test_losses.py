@@ -231,23 +231,6 @@ def test_feature_penalty():
   assert losses.feature_penalty(half).dtype == jnp.float32
 
 
-def test_pretrain_loss_combines_sums():
-  data = make_batch(7)
-  out = run_contrastive(data)
-  total = jax.jit(losses.pretrain_loss, static_argnums=3)(out, 300.0, 0.5, 640)
-  n = float(data["mask"].sum())
-  div = 0.1 * (640 - 300) / 640 * n
-  pen = 10.0 * 0.5 * n
-  np.testing.assert_allclose(total["diversity"], div, rtol=1e-6)
-  np.testing.assert_allclose(total["feature_pen"], pen, rtol=1e-6)
-  np.testing.assert_allclose(total["total"], float(out["loss"]) + div + pen, rtol=1e-6)
-  assert total["contrastive"] == out["loss"]
-  assert total["sample_size"] == n and total["count"] == n
-  assert total["correct"] == out["correct"]
-  lv60 = losses.pretrain_loss(out, 300.0, 0.5, 640, feature_pen_weight=0.0)
-  assert lv60["feature_pen"] == 0.0
-
-
 def test_bits():
   np.testing.assert_allclose(losses.bits(jnp.float32(math.log(2.0) * 3)), 3.0, rtol=1e-6)
 

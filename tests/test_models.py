@@ -128,26 +128,37 @@ def pre():
   return module, random_params(module, audio.shape), audio, pad
 
 
+def production_loss(module, params, audio, pad, rng, temperature):
+  """The production step's pretraining objective on one device, the batch as one micro-batch: the
+  update's masks (`objective.pretrain_masks`), then `objective.pretrain_micro_loss`, the function the
+  train step scans over micro-batches and differentiates. Returns (loss, (aux, prep))."""
+  row_ids = jnp.arange(audio.shape[0], dtype=jnp.int32)
+  prep = objective.pretrain_masks(module.config, rng, pad[None], row_ids[None])
+  total = jnp.maximum(jnp.sum(prep["sample_size"]), 1.0)
+  micro = {"audio": audio, "padding_mask": pad, "mask": prep["masks"][0], "row_ids": row_ids,
+           "index": jnp.zeros((), jnp.int32), "sample_size": prep["sample_size"][0],
+           "valid_frames": prep["valid_frames"][0]}
+  loss, aux = objective.pretrain_micro_loss(params, micro, module=module, step_key=rng, device_key=rng,
+                                            temperature=temperature, total_size=total)
+  return loss, (aux, prep)
+
+
 @functools.lru_cache(maxsize=None)
 def pretrain_grads_fn():
-  """One jit of value_and_grad(pretrain_sums' total) for the tiny model with feature_grad_mult 1, 0.1, 0
+  """One jit of value_and_grad(production_loss) for the tiny model with feature_grad_mult 1, 0.1, 0
   (one compilation for all three: the forward passes are identical)."""
   fns = {}
   for mult in (1.0, 0.1, 0.0):
     module = models.build(TINY.replace(feature_grad_mult=mult))
-
-    def total(params, audio, pad, rng, temperature, module=module):
-      sums, stats = objective.pretrain_sums(module, params, audio, pad, rng, temperature)
-      return sums["total"], (sums, stats)
-    fns[mult] = jax.value_and_grad(total, has_aux=True)
+    fns[mult] = jax.value_and_grad(functools.partial(production_loss, module), has_aux=True)
   return jax.jit(lambda *args: {mult: f(*args) for mult, f in fns.items()})
 
 
 def pretrain_grads(pre, seed=3):
-  """{feature_grad_mult: (loss, sums, stats, grads)} on the `pre` batch."""
+  """{feature_grad_mult: (loss, aux, prep, grads)} on the `pre` batch."""
   _, params, audio, pad = pre
   out = pretrain_grads_fn()(params, audio, pad, key(seed), 2.0)
-  return {mult: (loss, sums, stats, grads) for mult, ((loss, (sums, stats)), grads) in out.items()}
+  return {mult: (loss, aux, prep, grads) for mult, ((loss, (aux, prep)), grads) in out.items()}
 
 
 # ------------------------------------------------------------------------------------------ 1. presets
@@ -751,9 +762,8 @@ def test_bfloat16_pretraining_losses_are_float32(pre, quantizer):
   out = jax.eval_shape(apply16, {"params": params}, audio, pad)
   assert out["last_hidden_state"].dtype == out["context"].dtype == out["targets"].dtype == jnp.bfloat16
   assert out["prob_perplexity"].dtype == out["code_perplexity"].dtype == jnp.float32
-  sums, stats = jax.eval_shape(functools.partial(objective.pretrain_sums, module16),
-                               params, audio, pad, key(3), 2.0)
-  for leaf in jax.tree_util.tree_leaves((sums, stats)):
+  loss, (aux, _) = jax.eval_shape(functools.partial(production_loss, module16), params, audio, pad, key(3), 2.0)
+  for leaf in jax.tree_util.tree_leaves((loss, aux)):
     assert leaf.dtype == jnp.float32 and leaf.shape == ()
   # The bf16 quantizer: logits, Gumbel noise and perplexity in float32, same codes as fp32 (mostly).
   q, variables, x = quantizer
@@ -768,20 +778,22 @@ def test_bfloat16_pretraining_losses_are_float32(pre, quantizer):
 
 # ---------------------------------------------------------------------------------- 10. objective
 
-def test_pretrain_sums_gradients(pre):
-  loss, sums, stats, grads = pretrain_grads(pre)[1.0]
+def test_pretrain_objective_gradients(pre):
+  """The production objective (what the train step differentiates) on one device: finite loss made of
+  its logged parts, masks never on padding, every parameter but the attention's key bias gets a gradient."""
+  loss, aux, prep, grads = pretrain_grads(pre)[1.0]
+  cfg = TINY
   assert np.isfinite(float(loss)) and float(loss) > 0
-  assert float(sums["sample_size"]) == float(stats["masked_frames"]) > 0
-  # ... and equals the frames the model masks with the same 'mask' rng (the mask ignores dropout settings)
-  _, apply = jitted_apply(PRE_NO_DROPOUT)
-  streams = objective.split_rngs(key(3))
-  out = apply({"params": pre[1]}, pre[2], pre[3], deterministic=False,
-              rngs={k: streams[k] for k in PRETRAIN_RNGS})
-  assert float(sums["sample_size"]) == float(np.sum(out["mask_time"]))
-  assert float(stats["valid_frames"]) == TINY.num_frames(4000) + TINY.num_frames(3000)
-  np.testing.assert_allclose(float(sums["total"]),
-                             float(sums["contrastive"] + sums["diversity"] + sums["feature_pen"]), rtol=1e-6)
-  for leaf in jax.tree_util.tree_leaves((sums, stats)):
+  masks, frame_pad = np.asarray(prep["masks"][0]), np.asarray(prep["frame_padding"][0])
+  sample_size = float(prep["sample_size"][0])
+  assert sample_size == float(masks.sum()) == float(aux["count"]) > 0
+  assert not np.any(masks & frame_pad)
+  assert len(set(masks.sum(axis=1))) == 1                      # require_same_masks: equal counts per row
+  assert float(prep["valid_frames"][0]) == cfg.num_frames(4000) + cfg.num_frames(3000)
+  expect = (float(aux["contrastive"]) + cfg.diversity_weight * float(aux["diversity"])
+            + cfg.feature_pen_weight * float(aux["feature_pen"])) / sample_size
+  np.testing.assert_allclose(float(loss), expect, rtol=1e-5)
+  for leaf in jax.tree_util.tree_leaves((loss, aux)):
     assert leaf.dtype == jnp.float32
   scale = {}
   for name, g in flat(grads).items():

@@ -9,6 +9,7 @@
   w2v2 make-corpus --out DIR [--hours 1] (offline English speech from the OS's TTS engines)
   w2v2 build-lm --text FILE --out LM.arpa [--order 4]   (Kneser-Ney word n-gram for beam search)
   w2v2 demo [--out runs/demo] [--scale 1]  (corpus -> pretrain -> fine-tune -> evaluate -> report)
+  w2v2 compile-check --config=configs/pretrain.py:base --topology=v5e-8   (TPU compiler: fits? FLOPs?)
 
 The CLI only wires flags to library functions.
 """
@@ -20,7 +21,7 @@ import sys
 from typing import List, Optional
 
 COMMANDS = ("pretrain", "finetune", "evaluate", "transcribe", "manifest", "convert", "make-corpus", "build-lm",
-            "demo")
+            "demo", "compile-check")
 
 
 def _pretrain(argv: List[str], job: str = "pretrain") -> None:
@@ -39,6 +40,44 @@ def _pretrain(argv: List[str], job: str = "pretrain") -> None:
     getattr(loop, job)(flags.FLAGS.config, flags.FLAGS.workdir, max_steps=flags.FLAGS.max_steps)
 
   app.run(main, argv=[f"w2v2 {job}"] + argv)
+
+
+def _compile_check(argv: List[str]) -> None:
+  """Compiles the train step of a config for a TPU slice with libtpu's compiler, on this (CPU) host."""
+  import os  # pylint: disable=import-outside-toplevel
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config_flags.DEFINE_config_file("config", None, "Pretraining or fine-tuning config, e.g. configs/pretrain.py:base",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-8, v4-32, v5p-64, v6e-8 (v4/v5p count TensorCores)")
+  flags.DEFINE_integer("bucket", None, "Bucket (samples per row) to compile; default the largest of data.buckets")
+  flags.DEFINE_float("target_hours", None, "Wall-clock goal for config.train.steps updates: prints the MFU it needs")
+  flags.DEFINE_string("json", None, "Also append the figures as one JSON line to this file")
+  flags.DEFINE_integer("top_ops", 12, "Print the costliest ops (by FLOPs) of the update")
+  flags.mark_flags_as_required(["config", "topology"])
+
+  def main(_):
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_platforms", "cpu")        # the host compiles; libtpu is not initialised as a backend
+    from w2v2_jax.train import aot  # pylint: disable=import-outside-toplevel
+    _quiet_libraries()
+    try:
+      report = aot.compile_check(flags.FLAGS.config, flags.FLAGS.topology, bucket=flags.FLAGS.bucket,
+                                 target_hours=flags.FLAGS.target_hours)
+    except (aot.CompileError, RuntimeError, ValueError) as e:
+      sys.exit(f"w2v2 compile-check: {e}")
+    print(aot.format_report(report, top_ops=flags.FLAGS.top_ops), flush=True)
+    if flags.FLAGS.json:
+      import json  # pylint: disable=import-outside-toplevel
+      with open(flags.FLAGS.json, "a") as f:
+        f.write(json.dumps({k: v for k, v in report.items() if k != "buckets"}) + "\n")
+    if not report["fits"]:
+      sys.exit(f"w2v2 compile-check: the step needs {report['total_bytes'] / aot.GIB:.2f} GiB per chip, more than "
+               f"the {report['hbm_gib']:g} GiB of a {report['chip']}")
+
+  app.run(main, argv=["w2v2 compile-check"] + argv)
 
 
 class _DropChatter(logging.Filter):
@@ -201,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   jobs = {"pretrain": _pretrain, "finetune": lambda a: _pretrain(a, "finetune"), "manifest": _manifest,
           "convert": _convert, "evaluate": _evaluate, "transcribe": _transcribe,
-          "make-corpus": _make_corpus, "build-lm": _build_lm, "demo": _demo}
+          "make-corpus": _make_corpus, "build-lm": _build_lm, "demo": _demo, "compile-check": _compile_check}
   jobs[argv[0]](argv[1:])
 
 

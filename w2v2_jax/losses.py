@@ -129,7 +129,7 @@ def diversity(prob_perplexity, num_codevectors):
       groups (at most num_codevectors = G*V).
     num_codevectors: G*V.
 
-  The caller multiplies it by sample_size and its weight (see pretrain_loss).
+  The caller multiplies it by sample_size and its weight (see train/objective.py).
   """
   pp = jnp.asarray(prob_perplexity, jnp.float32)
   return (num_codevectors - pp) / num_codevectors
@@ -150,53 +150,6 @@ def feature_penalty(features, frame_padding_mask=None):
   total = jnp.sum(jnp.where(valid[..., None], sq, 0.0))
   n = jnp.sum(valid).astype(jnp.float32) * features.shape[-1]
   return total / jnp.maximum(n, 1.0)
-
-
-def pretrain_loss(
-  contrastive_out,
-  prob_perplexity,
-  features_pen,
-  num_codevectors,
-  diversity_weight=0.1,
-  feature_pen_weight=10.0,
-):
-  """wav2vec 2.0 pretraining objective as sums over the local batch.
-
-  total = contrastive + diversity_weight * diversity * sample_size
-          + feature_pen_weight * features_pen * sample_size
-
-  Every entry is a sum (or, for the extra terms, a per-frame mean times
-  sample_size), so a data-parallel caller ``psum``s the dict over devices
-  and divides ``total`` (and its gradient) by the psum'd ``sample_size``.
-
-  Args:
-    contrastive_out: the dict returned by ``contrastive``.
-    prob_perplexity: scalar from the quantizer.
-    features_pen: scalar from ``feature_penalty``.
-    num_codevectors: G*V.
-    diversity_weight, feature_pen_weight: the loss weights (fairseq's
-      ``loss_weights``; LV-60k uses feature_pen_weight=0).
-
-  Returns:
-    dict of float32 scalars: ``total``, ``contrastive``, ``diversity`` and
-    ``feature_pen`` (the weighted terms inside total), ``sample_size``,
-    ``correct``, ``count``.
-  """
-  sample_size = contrastive_out["sample_size"]
-  div = diversity_weight * diversity(prob_perplexity, num_codevectors)
-  div = div * sample_size
-  pen = feature_pen_weight * jnp.asarray(features_pen, jnp.float32)
-  pen = pen * sample_size
-  loss = contrastive_out["loss"]
-  return {
-    "total": loss + div + pen,
-    "contrastive": loss,
-    "diversity": div,
-    "feature_pen": pen,
-    "sample_size": sample_size,
-    "correct": contrastive_out["correct"],
-    "count": contrastive_out["count"],
-  }
 
 
 def ctc(logits, frame_padding_mask, labels, label_padding_mask, blank_id=0, zero_infinity=True):

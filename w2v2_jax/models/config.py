@@ -1,6 +1,6 @@
 """The model configuration: one frozen dataclass with the recipe's (fairseq's) field names.
 
-Presets live in `configs/model.py`; `ModelConfig.from_any` accepts a `ml_collections.ConfigDict`, a plain
+Presets live in `models/presets.py`; `ModelConfig.from_any` accepts a `ml_collections.ConfigDict`, a plain
 dict or a `ModelConfig` and validates every field before anything is traced or compiled.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ DEFAULT_CONV_LAYERS: Tuple[Tuple[int, int, int], ...] = (
 _EXTRACTOR_MODES = ("default", "layer_norm")
 _TASKS = ("pretrain", "ctc", "encoder")
 _DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,10 @@ class ModelConfig:
   vocab_size: int = 0
   # Numerics: compute dtype (params stay float32; losses, softmax and Gumbel are float32).
   dtype: str = "float32"
+  # Memory (no effect on the numbers): recompute each transformer layer's activations in the backward
+  # pass. "none"; "full" (keep only each layer's input); "dots" (keep the outputs of the layer's
+  # projections and feed-forward matmuls, recompute attention scores, softmax, norms and activations).
+  remat: str = "none"
 
   # ---------------------------------------------------------------- derived values
   @property
@@ -140,6 +145,8 @@ class ModelConfig:
       fail("extractor_mode", f"must be one of {_EXTRACTOR_MODES}")
     if self.dtype not in _DTYPES:
       fail("dtype", f"must be one of {_DTYPES}")
+    if self.remat not in REMAT_POLICIES:
+      fail("remat", f"must be one of {REMAT_POLICIES}")
     if not self.conv_layers or any(len(l) != 3 or min(l) < 1 for l in self.conv_layers):
       fail("conv_layers", "must be a non-empty list of positive (channels, kernel, stride) triples")
     for name in ("encoder_embed_dim", "encoder_layers", "encoder_ffn_embed_dim", "encoder_attention_heads",

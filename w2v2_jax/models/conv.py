@@ -12,11 +12,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from w2v2_jax import backend
+
 _DIMS = ("NWC", "WIO", "NWC")
 
 
 def _on_cpu() -> bool:
-  return jax.default_backend() == "cpu"
+  return backend.target() == "cpu"
 
 
 def strided_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:

@@ -113,6 +113,13 @@ class EncoderLayer(nn.Module):
     return final_norm(x + ffn(x))
 
 
+# model.remat -> what a layer keeps for its backward pass (None: everything, no recomputation).
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
 class TransformerEncoder(nn.Module):
   """Positional conv + layers. Returns the last state and, optionally, every state as HF orders them:
   the input of each layer, then the final output (after the final LayerNorm in the pre-LN form)."""
@@ -128,6 +135,7 @@ class TransformerEncoder(nn.Module):
   layer_norm_first: bool = False
   eps: float = 1e-5
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: Array, padding_mask: Optional[Array] = None, *, deterministic: bool = True,
@@ -141,10 +149,14 @@ class TransformerEncoder(nn.Module):
       x = final_norm(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     hidden = []
+    layer_cls = EncoderLayer
+    if self.remat != "none":
+      # Recompute the layer in the backward pass; `deterministic` (argument 3, counting self) is static.
+      layer_cls = nn.remat(EncoderLayer, policy=REMAT[self.remat], static_argnums=(3,))
     for i in range(self.num_layers):
       if output_hidden_states:
         hidden.append(x)
-      layer = EncoderLayer(self.num_heads, self.ffn_dim, self.dropout, self.attention_dropout,
+      layer = layer_cls(self.num_heads, self.ffn_dim, self.dropout, self.attention_dropout,
                            self.activation_dropout, self.layer_norm_first, self.eps, self.dtype,
                            name=f"layers_{i}")
       if deterministic or self.layerdrop == 0.0 or self.is_initializing():

@@ -40,6 +40,29 @@ def batch_geometry(config: Any, num_devices: int) -> Dict[str, int]:
   return {"batch_samples": device_samples * num_devices, "accumulate": accumulate}
 
 
+def pretrain_step_fn(config: Any, model_cfg: ModelConfig):
+  """(module, optimizer, per-device step) of pretraining for `config`: what `pretrain` runs and what
+  `w2v2 compile-check` compiles."""
+  module = models.build(model_cfg)
+  total = int(config.train.steps)
+  tx = optimizer.make(config.optim, total)
+  step_fn = functools.partial(train_step.pretrain_step, module=module, tx=tx,
+                              lr_schedule=schedules.learning_rate(config.optim, total),
+                              latent_temp=tuple(config.train.latent_temp))
+  return module, tx, step_fn
+
+
+def finetune_step_fn(config: Any, model_cfg: ModelConfig, blank_id: int = 0):
+  """(module, optimizer, per-device step) of CTC fine-tuning for `config` (see `pretrain_step_fn`)."""
+  module = models.build(model_cfg)
+  total = int(config.train.steps)
+  tx = optimizer.make(config.optim, total)
+  step_fn = functools.partial(train_step.finetune_step, module=module, tx=tx,
+                              lr_schedule=schedules.learning_rate(config.optim, total),
+                              freeze_updates=int(config.train.freeze_updates), blank_id=blank_id)
+  return module, tx, step_fn
+
+
 def make_source(config: Any, label: Optional[str] = None):
   """The training source: a manifest (with `label` transcripts beside it) or a tfds split."""
   data = config.data
@@ -143,16 +166,11 @@ def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   """
   parallel.initialize_distributed()
   model_cfg = ModelConfig.from_any(config.model).replace(task="pretrain")
-  module = models.build(model_cfg)
-  total = int(config.train.steps)
+  module, tx, step_fn = pretrain_step_fn(config, model_cfg)
   geometry = batch_geometry(config, jax.device_count())
   log.info("pretraining: %d devices on %d processes; global micro-batch %d samples x %d accumulation",
            jax.device_count(), jax.process_count(), geometry["batch_samples"], geometry["accumulate"])
   iterator = _make_iterator(config, make_source(config), geometry, mode="crop")
-  tx = optimizer.make(config.optim, total)
-  step_fn = functools.partial(train_step.pretrain_step, module=module, tx=tx,
-                              lr_schedule=schedules.learning_rate(config.optim, total),
-                              latent_temp=tuple(config.train.latent_temp))
   chance = math.log(model_cfg.num_negatives + model_cfg.cross_sample_negatives + 1)
 
   def decorate(values):
@@ -232,7 +250,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   parallel.initialize_distributed()
   vocab = load_vocabulary(config.data.vocab)
   model_cfg, backbone = finetune_model_config(config, len(vocab))
-  module = models.build(model_cfg)
+  module, tx, step_fn = finetune_step_fn(config, model_cfg, vocab.blank_id)
   params = _host_params(module, model_cfg, config.train.seed, min(config.data.buckets))
   if backbone is not None:
     expected = jax.tree_util.tree_map(np.shape, params["wav2vec2"])
@@ -244,10 +262,6 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   # tfds LibriSpeech transcripts are words; manifests use data.label (.ltr or .wrd beside the .tsv).
   label = config.data.label if config.data.train_manifest else "wrd"
   iterator = _make_iterator(config, make_source(config, label), geometry, mode="pad")
-  tx = optimizer.make(config.optim, total)
-  step_fn = functools.partial(train_step.finetune_step, module=module, tx=tx,
-                              lr_schedule=schedules.learning_rate(config.optim, total),
-                              freeze_updates=int(config.train.freeze_updates), blank_id=vocab.blank_id)
 
   def to_step_batch(batch):
     texts = batch["labels"]

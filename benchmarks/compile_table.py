@@ -1,0 +1,66 @@
+"""The compile-check table of the README: the production train steps compiled for TPU slices by libtpu's
+compiler on this host (no TPU needed), one `w2v2 compile-check` subprocess per entry.
+
+  python benchmarks/compile_table.py [--out compile_table.jsonl] [--only base]
+
+Prints a Markdown table (HBM per chip, headroom, compile time, FLOPs per update, ideal update time) and
+appends each entry's full figures to --out as JSON lines. An entry that does not compile or fit is
+reported as such. BASE takes 5-10 minutes per entry on a 2-core CPU, LARGE longer.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BF16 = ["--config.model.dtype=bfloat16"]
+# (config, topology, extra flags): the recipes on the slices users rent, in the order they matter.
+ENTRIES = [
+    ("pretrain.py:base", "v5e-8", BF16),
+    ("pretrain.py:base", "v5e-64", BF16),
+    ("finetune.py:base_10m", "v5e-8", BF16),
+    ("pretrain.py:base", "v4-32", BF16),
+    ("pretrain.py:base", "v5p-8", BF16),
+    ("pretrain.py:large", "v4-32", BF16),
+    ("pretrain.py:large_lv60", "v4-32", BF16),
+    ("finetune.py:large_960h", "v4-32", BF16),
+    ("pretrain.py:large", "v5p-64", BF16),
+    ("pretrain.py:large_lv60", "v5p-64", BF16),
+]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+  parser.add_argument("--out", default="compile_table.jsonl")
+  parser.add_argument("--only", default="", help="run only entries whose config contains this string")
+  args = parser.parse_args()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+  env.pop("XLA_FLAGS", None)
+  print("| config | slice | accumulation | per chip per micro-batch | HBM per chip | headroom | compile | FLOPs per update (slice) | ideal update |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for config, topo, extra in ENTRIES:
+    if args.only not in config:
+      continue
+    before = _count(args.out)
+    cmd = [sys.executable, "-m", "w2v2_jax.cli", "compile-check", f"--config={ROOT}/configs/{config}",
+           f"--topology={topo}", f"--json={args.out}", "--top_ops=0"] + extra
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if _count(args.out) == before:
+      reason = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
+      print(f"| {config} | {topo} | | | does not compile: {reason} | | | | |", flush=True)
+      continue
+    r = json.loads(open(args.out).read().splitlines()[-1])
+    gib = r["total_bytes"] / 2 ** 30
+    print(f"| {config} | {topo} ({r['chips']} chips) | {r['accumulate']} | {r['rows_per_device']} x {r['samples']} | "
+          f"{gib:.2f} of {r['hbm_gib']:g} GiB{'' if r['fits'] else ' (does not fit)'} | {100 * r['headroom']:.0f}% | "
+          f"{r['compile_seconds'] / 60:.1f} min | {r['flops_per_update']:.2e} | {r['ideal_update_seconds']:.3f} s |",
+          flush=True)
+
+
+def _count(path):
+  return len(open(path).read().splitlines()) if os.path.exists(path) else 0
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,76 @@
+"""The train step compiled for a TPU slice by libtpu's compiler, on this CPU (`w2v2 compile-check`).
+
+libtpu runs in subprocesses: the rest of the suite keeps its CPU backend with 8 fake devices.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from w2v2_jax.train import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2.0 ** 30
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+@pytest.fixture(scope="module")
+def worker():
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "aot_worker.py")], capture_output=True,
+                        text=True, env=_env(), timeout=1200, cwd=ROOT)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+  return json.loads(lines[-1][len("REPORT "):])
+
+
+def test_tiny_step_fits_v5e_8_and_accumulation_costs_no_memory(worker):
+  one, eight = worker["reports"]["1"], worker["reports"]["8"]
+  for r in (one, eight):
+    assert r["chips"] == 8 and r["chip"] == "TPU v5e" and r["fits"]
+    assert 0 < r["total_bytes"] < 16 * GIB and r["temp_bytes"] > 0
+    assert r["rows_per_device"] == one["rows_per_device"] and r["samples"] == one["samples"]
+  assert (one["accumulate"], eight["accumulate"]) == (1, 8)
+  # Scanned accumulation: the same temporaries for 8 micro-batches as for 1 (an unrolled loop kept
+  # every micro-batch's activations alive); only the batch argument grows.
+  assert abs(eight["temp_bytes"] - one["temp_bytes"]) <= 0.1 * one["temp_bytes"]
+  batch_growth = eight["argument_bytes"] - one["argument_bytes"]
+  per_micro = one["rows_per_device"] * one["samples"] * (4 + 1) + one["rows_per_device"] * 4   # audio, padding, ids
+  assert 0 < batch_growth <= 7 * per_micro * 1.5
+  assert abs(eight["total_bytes"] - one["total_bytes"]) <= 0.1 * one["total_bytes"] + batch_growth
+  # FLOPs per update scale with the micro-batches (the jaxpr count); XLA counts the loop body once.
+  assert eight["flops_per_chip"] == pytest.approx(8 * one["flops_per_chip"], rel=0.02)
+  assert eight["xla_flops_per_chip"] == pytest.approx(one["xla_flops_per_chip"], rel=0.05)
+  assert one["ideal_update_seconds"] == pytest.approx(one["flops_per_chip"] / 197e12)
+
+
+def test_flop_counter_agrees_with_xla_without_loops(worker):
+  cpu = worker["cpu"]
+  assert cpu["jaxpr_flops"] == pytest.approx(cpu["xla_flops"], rel=0.05)
+
+
+def test_compile_check_cli_exits_nonzero_when_the_step_does_not_fit():
+  # 20000 s of audio per chip per micro-batch: tens of GiB of activations on a 16 GiB v5e chip.
+  cmd = [sys.executable, "-m", "w2v2_jax.cli", "compile-check", "--config=configs/pretrain.py:tiny",
+         "--topology=v5e-1", "--config.batch.device_seconds=20000", "--config.batch.global_seconds=20000",
+         "--top_ops=3"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=1200, cwd=ROOT)
+  assert proc.returncode != 0
+  assert "w2v2 compile-check:" in proc.stderr
+  assert "v5e-1" in proc.stderr or "TPU v5e" in proc.stderr
+
+
+def test_topologies_and_bad_names():
+  assert aot.topology("v4-32").num_chips == 16 and aot.topology("v4-32").topology_name == "v4:2x2x4"
+  assert aot.topology("v5p-8").num_chips == 4 and aot.topology("v5e-64").topology_name == "v5e:8x8"
+  assert aot.topology("v6e-8").chip.hbm_gib == 32
+  for name in ("v4-8", "v4-32", "v4-128", "v5e-8", "v5e-64", "v5e-256", "v5p-8", "v5p-64"):
+    assert name in aot.TOPOLOGIES
+  with pytest.raises(ValueError, match="unknown TPU topology 'v5e-7'"):
+    aot.topology("v5e-7")
