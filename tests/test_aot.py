@@ -37,13 +37,14 @@ def test_tiny_step_fits_v5e_8_and_accumulation_costs_no_memory(worker):
     assert 0 < r["total_bytes"] < 16 * GIB and r["temp_bytes"] > 0
     assert r["rows_per_device"] == one["rows_per_device"] and r["samples"] == one["samples"]
   assert (one["accumulate"], eight["accumulate"]) == (1, 8)
-  # Scanned accumulation: the same temporaries for 8 micro-batches as for 1 (an unrolled loop kept
-  # every micro-batch's activations alive); only the batch argument grows.
-  assert abs(eight["temp_bytes"] - one["temp_bytes"]) <= 0.1 * one["temp_bytes"]
-  batch_growth = eight["argument_bytes"] - one["argument_bytes"]
+  # Scanned accumulation: the activations of one micro-batch are alive at a time, so 8 micro-batches
+  # take the temporaries of 1 plus at most a copy of the larger batch (an unrolled loop kept every
+  # micro-batch's activations: 8x). The batch argument grows by the 7 extra micro-batches.
   per_micro = one["rows_per_device"] * one["samples"] * (4 + 1) + one["rows_per_device"] * 4   # audio, padding, ids
-  assert 0 < batch_growth <= 7 * per_micro * 1.5
-  assert abs(eight["total_bytes"] - one["total_bytes"]) <= 0.1 * one["total_bytes"] + batch_growth
+  batch_growth = eight["argument_bytes"] - one["argument_bytes"]
+  assert 7 * per_micro <= batch_growth <= 7 * per_micro * 1.1
+  assert eight["temp_bytes"] - one["temp_bytes"] <= 1.5 * batch_growth
+  assert eight["temp_bytes"] < 2 * one["temp_bytes"]
   # FLOPs per update scale with the micro-batches (the jaxpr count); XLA counts the loop body once.
   assert eight["flops_per_chip"] == pytest.approx(8 * one["flops_per_chip"], rel=0.02)
   assert eight["xla_flops_per_chip"] == pytest.approx(one["xla_flops_per_chip"], rel=0.05)

@@ -86,6 +86,8 @@ def tpu_devices(topo: Topology, num_slices: int = 1) -> list:
   Raises RuntimeError with the install command when libtpu is missing, or when this libtpu does not
   know the generation."""
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")       # no metadata server off Cloud TPU VMs
+  # Compiling only: several processes may load libtpu at once (it otherwise holds /tmp/libtpu_lockfile).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.topology_name,
