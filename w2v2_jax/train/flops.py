@@ -74,18 +74,26 @@ def _subjaxprs(eqn) -> Iterable[Tuple[Any, float]]:
 
 _LAYER = re.compile(r"layers_\d+")
 _WRAPPER = re.compile(r"^(?:\w+\()+|\)+$")
+_RECOMPUTE = "rematted_computation"
 
 
-def scope_of(eqn, depth: int = 3) -> Tuple[str, str]:
-  """(module path, pass) of an op: e.g. ("wav2vec2/encoder/layers_*", "backward")."""
-  stack = str(eqn.source_info.name_stack)
-  backward = "transpose(" in stack
-  parts = [p for p in stack.split("/") if p]
-  if parts:
-    parts[0] = _WRAPPER.sub("", parts[0])       # "jvp(Wav2Vec2ForPreTraining)" -> the model
-    parts = parts[1:] if parts[0][:1].isupper() else parts
-  path = "/".join(_LAYER.sub("layers_*", p) for p in parts[:depth]) or "(step)"
-  return path, "backward" if backward else "forward"
+def scope_of(stack: str, depth: int = 4) -> Tuple[str, str]:
+  """(module path, pass) of an op from its full name stack (its enclosing calls' stacks prepended):
+  e.g. ("wav2vec2/encoder/layers_*", "backward"). Pass: "forward", "backward" (the gradient's
+  transposed ops) or "recompute" (a remat'd layer's forward run again for the backward pass)."""
+  if "transpose(" in stack:
+    direction = "recompute" if _RECOMPUTE in stack else "backward"
+  else:
+    direction = "forward"
+  parts = []
+  for part in stack.split("/"):
+    part = _LAYER.sub("layers_*", _WRAPPER.sub("", part))
+    if not part or part[:1].isupper() or "<lambda>" in part or part == _RECOMPUTE:
+      continue
+    if part in parts:                 # a nested call's stack repeats its caller's path
+      continue
+    parts.append(part)
+  return "/".join(parts[:depth]) or "(step)", direction
 
 
 def count(closed_jaxpr) -> Dict[Tuple[str, str, str], Dict[str, float]]:
@@ -94,14 +102,16 @@ def count(closed_jaxpr) -> Dict[Tuple[str, str, str], Dict[str, float]]:
   table: Dict[Tuple[str, str, str], Dict[str, float]] = collections.defaultdict(
       lambda: {"flops": 0.0, "bytes": 0.0, "ops": 0.0})
 
-  def walk(jaxpr, mult: float) -> None:
+  def walk(jaxpr, mult: float, prefix: str) -> Dict[Tuple[str, str, str], Dict[str, float]]:
     for eqn in jaxpr.eqns:
       name = eqn.primitive.name
+      stack = f"{prefix}/{eqn.source_info.name_stack}" if prefix else str(eqn.source_info.name_stack)
       if name == "cond":
-        # The costlier branch: count it alone.
+        # The costlier branch alone.
         best, best_flops = None, -1.0
         for branch in eqn.params["branches"]:
-          sub = count(branch)
+          sub = collections.defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "ops": 0.0})
+          _walk_into(sub, getattr(branch, "jaxpr", branch), 1.0, stack)
           total = sum(v["flops"] for v in sub.values())
           if total > best_flops:
             best, best_flops = sub, total
@@ -112,19 +122,28 @@ def count(closed_jaxpr) -> Dict[Tuple[str, str, str], Dict[str, float]]:
       nested = list(_subjaxprs(eqn))
       if nested:
         for sub, m in nested:
-          walk(sub, mult * m)
+          walk(sub, mult * m, stack)
         continue
       if name in _FREE:
         continue
       kind, flops = _op_flops(eqn)
-      path, direction = scope_of(eqn)
+      path, direction = scope_of(stack)
       entry = table[(path, direction, kind)]
       entry["flops"] += flops * mult
       entry["bytes"] += mult * (sum(_bytes(v.aval) for v in eqn.invars if hasattr(v, "aval"))
                                 + sum(_bytes(v.aval) for v in eqn.outvars))
       entry["ops"] += mult
+    return table
 
-  walk(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), 1.0)
+  def _walk_into(target, jaxpr, mult, prefix):
+    nonlocal table
+    saved, table = table, target
+    try:
+      walk(jaxpr, mult, prefix)
+    finally:
+      table = saved
+
+  walk(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), 1.0, "")
   return dict(table)
 
 
