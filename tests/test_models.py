@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs.model import get_config
-from w2v2_jax import models
+from w2v2_jax import convert, models
 from w2v2_jax.models import GumbelQuantizer, ModelConfig, TransformerEncoder
 from w2v2_jax.models.config import DEFAULT_CONV_LAYERS
 from w2v2_jax.train import objective
@@ -812,3 +812,34 @@ def test_pretrain_objective_gradients(pre):
   loss2 = pretrain_grads(pre, seed=4)[1.0][0]
   assert float(loss2) != float(loss)
   assert pretrain_grads_fn()._cache_size() == 1
+
+
+# ---------------------------------------------------------------------------------- 11. memory layouts
+
+def test_scanned_encoder_and_remat_give_the_same_outputs_and_convert_through_one_mapping(pre, tmp_path):
+  """model.scan_layers runs the layers as one lax.scan over stacked params; model.remat recomputes them
+  in the backward pass. Same hidden states, same HF checkpoint (to_hf unstacks), layouts convertible."""
+  _, params, audio, pad = pre
+  ref_module = models.build(TINY)
+  ref = ref_module.apply({"params": params}, audio, pad, rngs={"mask": key(0)}, output_hidden_states=True)
+  stacked = models.stack_layers(params)
+  encoder = stacked["wav2vec2"]["encoder"]
+  assert "layers_0" not in encoder
+  assert jax.tree_util.tree_leaves(encoder["layers"])[0].shape[0] == TINY.encoder_layers
+  for cfg, p in ((TINY.replace(scan_layers=True), stacked), (TINY.replace(scan_layers=True, remat="dots"), stacked),
+                 (TINY.replace(remat="full"), params)):
+    out = models.build(cfg).apply({"params": p}, audio, pad, rngs={"mask": key(0)}, output_hidden_states=True)
+    assert len(out["hidden_states"]) == len(ref["hidden_states"]) == TINY.encoder_layers + 1
+    for a, b in zip(out["hidden_states"], ref["hidden_states"]):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["context"]), np.asarray(ref["context"]), atol=1e-5)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)),
+                                                       models.unstack_layers(stacked), params))
+  assert models.layer_layout(stacked, False).keys() == params.keys()
+  convert.to_hf(TINY.replace(scan_layers=True), jax.device_get(stacked), tmp_path / "scanned")
+  convert.to_hf(TINY, jax.device_get(params), tmp_path / "plain")
+  from safetensors.numpy import load_file
+  a, b = load_file(tmp_path / "scanned" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  with pytest.raises(ValueError, match="remat"):
+    TINY.replace(remat="everything")

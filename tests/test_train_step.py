@@ -44,13 +44,14 @@ def init_params(cfg):
                                     np.zeros((1, 6400), np.float32))["params"])
 
 
-def run(cfg, batch, mode, devices, steps=2, total_steps=10):
+def run(cfg, batch, mode, devices, steps=2, total_steps=10, params=None):
   module = models.build(cfg)
   tx = optimizer.make(OPTIM, total_steps)
   step = functools.partial(train_step.pretrain_step, module=module, tx=tx,
                            lr_schedule=schedules.learning_rate(OPTIM, total_steps), latent_temp=TEMP)
   dp = parallel.DataParallel(step, mode, devices)
-  state = dp.put_state(train_step.init_state(init_params(cfg), tx, jax.random.key(0)))
+  params = init_params(cfg) if params is None else params
+  state = dp.put_state(train_step.init_state(params, tx, jax.random.key(0)))
   history = []
   for _ in range(steps):
     state, metrics = dp.step(state, dp.put_batch(batch))
@@ -119,6 +120,26 @@ def test_gradient_accumulation_matches_one_big_batch():
   assert ha[0]["loss"] == pytest.approx(hb[0]["loss"], rel=1e-5)
   assert ha[0]["sample_size"] == hb[0]["sample_size"]
   assert max_diff(a["params"], b["params"]) <= 1e-5
+
+
+def test_remat_and_scanned_layers_make_the_same_updates():
+  """Recomputation (model.remat) and the scanned encoder (model.scan_layers, stacked params) change
+  memory and compile time, not the numbers: the same 2 updates of 2 accumulated micro-batches on 2
+  devices as the plain model (dropout and LayerDrop off: their draws differ under scan)."""
+  cfg = tiny()
+  batch = make_batch(2, 4, pad_last=1500)
+  ref, href, _ = run(cfg, batch, "shard_map", jax.devices()[:2])
+  for variant in (cfg.replace(remat="full"), cfg.replace(remat="dots", scan_layers=True),
+                  cfg.replace(scan_layers=True)):
+    params = init_params(cfg)
+    if variant.scan_layers:
+      params = jax.device_get(models.stack_layers(params))
+      assert "layers" in params["wav2vec2"]["encoder"] and "layers_0" not in params["wav2vec2"]["encoder"]
+    got, hgot, dp = run(variant, batch, "shard_map", jax.devices()[:2], params=params)
+    for ma, mb in zip(href, hgot):
+      assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
+    assert max_diff(ref["params"], models.unstack_layers(got["params"])) <= 1e-5, variant
+    assert dp.cache_size() == 1
 
 
 def test_non_finite_update_is_skipped_and_counted():

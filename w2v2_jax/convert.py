@@ -17,7 +17,9 @@ torch.nn.utils.parametrizations.weight_norm, which transformers uses and saves).
 
 Fields Hugging Face and fairseq do not carry keep ModelConfig's defaults: from HF, `feature_grad_mult`
 (1.0), `feature_pen_weight` (10.0; HF has no feature penalty), `cross_sample_negatives`,
-`require_same_masks` and `dtype`; `to_hf` drops them.
+`require_same_masks`, `dtype`, `remat` and `scan_layers`; `to_hf` drops them. Params come back per layer
+(`layers_N`); `models.stack_layers` gives the scanned layout (`scan_layers=True`), and `to_hf` takes
+either.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w2v2_jax.models import ModelConfig, build
+from w2v2_jax.models import ModelConfig, build, unstack_layers
 
 __all__ = ["from_hf", "to_hf", "from_fairseq", "hf_config_to_model_config", "model_config_to_hf",
            "parse_conv_layers"]
@@ -460,6 +462,8 @@ def to_hf(model_config, params: Mapping[str, Any], out_dir, *,
   cfg = ModelConfig.from_any(model_config)
   if set(params) == {"params"}:
     params = params["params"]
+  if cfg.scan_layers:                   # one mapping: the per-layer names, whatever the model's layout
+    params, cfg = unstack_layers(params), cfg.replace(scan_layers=False)
   flat = {path: np.asarray(value, np.float32) for path, value in _flatten(params).items()}
   _check_tree(cfg, flat)
   prefix = "" if cfg.task == "encoder" else "wav2vec2."

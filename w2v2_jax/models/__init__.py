@@ -2,7 +2,7 @@
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.feature_encoder import FeatureEncoder, frame_padding_mask, output_lengths
 from w2v2_jax.models.quantizer import GumbelQuantizer
-from w2v2_jax.models.transformer import TransformerEncoder
+from w2v2_jax.models.transformer import TransformerEncoder, layer_layout, stack_layers, unstack_layers
 from w2v2_jax.models.wav2vec2 import (Wav2Vec2Backbone, Wav2Vec2Encoder, Wav2Vec2ForCTC,
                                       Wav2Vec2ForPreTraining)
 
@@ -20,4 +20,4 @@ def build(model_config):
 
 __all__ = ["ModelConfig", "build", "FeatureEncoder", "GumbelQuantizer", "TransformerEncoder",
            "Wav2Vec2Backbone", "Wav2Vec2Encoder", "Wav2Vec2ForCTC", "Wav2Vec2ForPreTraining",
-           "frame_padding_mask", "output_lengths"]
+           "frame_padding_mask", "output_lengths", "layer_layout", "stack_layers", "unstack_layers"]

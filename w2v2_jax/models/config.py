@@ -72,6 +72,10 @@ class ModelConfig:
   # pass. "none"; "full" (keep only each layer's input); "dots" (keep the outputs of the layer's
   # projections and feed-forward matmuls, recompute attention scores, softmax, norms and activations).
   remat: str = "none"
+  # Run the transformer layers as one `lax.scan` over stacked parameters (`encoder/layers/layer/...`,
+  # leading axis = layer): compile time independent of depth. Same numbers in evaluation; training
+  # draws other dropout / LayerDrop numbers. `models.layer_layout(params, scan)` converts.
+  scan_layers: bool = False
 
   # ---------------------------------------------------------------- derived values
   @property

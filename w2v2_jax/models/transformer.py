@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
@@ -113,6 +114,69 @@ class EncoderLayer(nn.Module):
     return final_norm(x + ffn(x))
 
 
+class _ScannedLayer(nn.Module):
+  """The body of the scanned encoder: one EncoderLayer (remat'd per the config) with LayerDrop.
+
+  Carry: x (B, T, D); broadcast: padding_mask. Emits the layer's input (a hidden state) when asked."""
+  layer_args: Tuple[Any, ...]
+  remat: str
+  layerdrop: float
+  deterministic: bool
+  emit_inputs: bool
+
+  @nn.compact
+  def __call__(self, x: Array, padding_mask: Optional[Array]) -> Tuple[Array, Optional[Array]]:
+    layer = _layer_class(self.remat)(*self.layer_args, name="layer")
+    if self.deterministic or self.layerdrop == 0.0 or self.is_initializing():
+      y = layer(x, padding_mask, self.deterministic)
+    else:
+      skip = jax.random.uniform(self.make_rng("layerdrop")) < self.layerdrop
+      y = nn.cond(skip, lambda mdl, z: z, lambda mdl, z: mdl(z, padding_mask, False), layer, x)
+    return y, (x if self.emit_inputs else None)
+
+
+def _layer_class(remat: str):
+  """EncoderLayer, or EncoderLayer recomputed in the backward pass per `remat` ("none", "full", "dots")."""
+  if remat == "none":
+    return EncoderLayer
+  # `deterministic` (argument 3, counting self) is static.
+  return nn.remat(EncoderLayer, policy=REMAT[remat], static_argnums=(3,))
+
+
+def stack_layers(params: Any) -> Any:
+  """Params with per-layer subtrees `layers_0 .. layers_{L-1}` -> the scanned layout `layers/layer`
+  (every leaf stacked on a leading L axis). Applied wherever such a subtree occurs; other params as they are."""
+  if not isinstance(params, dict):
+    return params
+  names = [k for k in params if re.fullmatch(r"layers_\d+", k)]
+  out = {k: stack_layers(v) for k, v in params.items() if k not in names}
+  if names:
+    if "layers" in params:
+      raise ValueError("params hold both per-layer (layers_N) and stacked (layers) encoder layers")
+    per_layer = [params[f"layers_{i}"] for i in range(len(names))]
+    out["layers"] = {"layer": jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
+                                                     *per_layer)}
+  return out
+
+
+def unstack_layers(params: Any) -> Any:
+  """The inverse of `stack_layers`: `layers/layer` (leading L axis) -> `layers_0 .. layers_{L-1}`."""
+  if not isinstance(params, dict):
+    return params
+  out = {k: unstack_layers(v) for k, v in params.items() if k != "layers"}
+  if "layers" in params:
+    stacked = params["layers"]["layer"]
+    count = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    for i in range(count):
+      out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+  return out
+
+
+def layer_layout(params: Any, scan_layers: bool) -> Any:
+  """`params` in the layout of a model with `scan_layers` (stacked or per layer), whichever it is in."""
+  return stack_layers(params) if scan_layers else unstack_layers(params)
+
+
 # model.remat -> what a layer keeps for its backward pass (None: everything, no recomputation).
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -136,6 +200,7 @@ class TransformerEncoder(nn.Module):
   eps: float = 1e-5
   dtype: Any = jnp.float32
   remat: str = "none"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x: Array, padding_mask: Optional[Array] = None, *, deterministic: bool = True,
@@ -149,16 +214,22 @@ class TransformerEncoder(nn.Module):
       x = final_norm(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     hidden = []
-    layer_cls = EncoderLayer
-    if self.remat != "none":
-      # Recompute the layer in the backward pass; `deterministic` (argument 3, counting self) is static.
-      layer_cls = nn.remat(EncoderLayer, policy=REMAT[self.remat], static_argnums=(3,))
-    for i in range(self.num_layers):
+    layer_args = (self.num_heads, self.ffn_dim, self.dropout, self.attention_dropout, self.activation_dropout,
+                  self.layer_norm_first, self.eps, self.dtype)
+    if self.scan_layers:
+      # One layer's program, run L times by lax.scan over parameters stacked on a leading L axis
+      # (`layers/layer`; `stack_layers` / `unstack_layers` convert): compile time does not grow with L.
+      scanned = nn.scan(_ScannedLayer, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True, "layerdrop": True},
+                        in_axes=(nn.broadcast,), length=self.num_layers)
+      x, inputs = scanned(layer_args, self.remat, self.layerdrop, deterministic, output_hidden_states,
+                          name="layers")(x, padding_mask)
+      if output_hidden_states:
+        hidden = [inputs[i] for i in range(self.num_layers)]
+    for i in range(0 if self.scan_layers else self.num_layers):
       if output_hidden_states:
         hidden.append(x)
-      layer = layer_cls(self.num_heads, self.ffn_dim, self.dropout, self.attention_dropout,
-                           self.activation_dropout, self.layer_norm_first, self.eps, self.dtype,
-                           name=f"layers_{i}")
+      layer = _layer_class(self.remat)(*layer_args, name=f"layers_{i}")
       if deterministic or self.layerdrop == 0.0 or self.is_initializing():
         x = layer(x, padding_mask, deterministic)
       else:

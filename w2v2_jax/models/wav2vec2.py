@@ -98,7 +98,8 @@ class Wav2Vec2Backbone(nn.Module):
     last, hidden = TransformerEncoder(
         cfg.encoder_layers, cfg.encoder_attention_heads, cfg.encoder_ffn_embed_dim, cfg.conv_pos,
         cfg.conv_pos_groups, cfg.dropout, cfg.attention_dropout, cfg.activation_dropout,
-        cfg.encoder_layerdrop, cfg.layer_norm_first, cfg.layer_norm_eps, dtype, cfg.remat, name="encoder")(
+        cfg.encoder_layerdrop, cfg.layer_norm_first, cfg.layer_norm_eps, dtype, cfg.remat, cfg.scan_layers,
+        name="encoder")(
             x, frame_pad if padding_mask is not None else None, deterministic=deterministic,
             output_hidden_states=output_hidden_states)
     return {

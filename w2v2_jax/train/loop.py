@@ -253,6 +253,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   module, tx, step_fn = finetune_step_fn(config, model_cfg, vocab.blank_id)
   params = _host_params(module, model_cfg, config.train.seed, min(config.data.buckets))
   if backbone is not None:
+    backbone = models.layer_layout(backbone, model_cfg.scan_layers)   # per layer or stacked, as configured
     expected = jax.tree_util.tree_map(np.shape, params["wav2vec2"])
     if jax.tree_util.tree_map(np.shape, backbone) != expected:
       raise ValueError(f"init={config.init!r}: its backbone does not match the model config")
