@@ -20,7 +20,7 @@ from w2v2_jax import models
 from w2v2_jax.data import pipeline
 from w2v2_jax.data.source import as_source
 from w2v2_jax.models.config import ModelConfig
-from w2v2_jax.train import checkpoint, metrics as metrics_lib, optimizer, parallel, schedules
+from w2v2_jax.train import checkpoint, metrics as metrics_lib, optimizer, parallel, schedules, validation
 from w2v2_jax.train import step as train_step
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
               "weight": weight.reshape(num_micro, rows)}
     return arrays, {k: stats.get(k, 0) for k in pipeline.STAT_KEYS + TEXT_STATS}
 
-  recognizer = None      # validation = `w2v2 evaluate` on the current params (same code, same numbers)
+  validator = None       # greedy WER / CER on every device of every host (= `w2v2 evaluate`'s numbers)
   best_path = os.path.join(workdir, "best.json")
   best = {metric: math.inf}
   if os.path.exists(best_path):
@@ -288,17 +288,14 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   export_dir = os.path.join(workdir, "export")
 
   def after_step(step, state, runner):
-    nonlocal recognizer
+    nonlocal validator
     if not config.data.valid_manifest or (step % int(config.train.eval_every) and step != total):
       return
-    params_now = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
-                                        runner.get_state(state)["params"])
-    if recognizer is None:
-      recognizer = inference.Recognizer(model_cfg, params_now, vocab, normalize=bool(config.data.normalize))
-    else:
-      recognizer.params = jax.device_put(params_now)
-    scores = inference.evaluate(recognizer, config.data.valid_manifest,
-                                label=label if config.data.train_manifest else None)
+    if validator is None:
+      validator = validation.Validator(runner, model_cfg, vocab, config.data.valid_manifest,
+                                       label=label if config.data.train_manifest else None,
+                                       normalize=bool(config.data.normalize))
+    scores = validator(state)
     result = {"valid/wer": float(scores["wer"]), "valid/cer": float(scores["cer"]),
               "valid/utterances": float(scores["utterances"]), "valid/skipped": float(scores["skipped"])}
     log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
@@ -306,6 +303,8 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
       with open(os.path.join(workdir, "valid.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **result}) + "\n")
       if result[f"valid/{metric}"] < best.get(metric, math.inf):
+        params_now = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
+                                            runner.get_state(state)["params"])
         best.update(wer=result["valid/wer"], cer=result["valid/cer"], step=step, metric=metric)
         inference.export_hf(model_cfg, params_now, vocab, export_dir, normalize=bool(config.data.normalize))
         with open(best_path, "w") as f:

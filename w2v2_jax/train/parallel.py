@@ -124,6 +124,37 @@ class DataParallel:
       metrics = jax.tree_util.tree_map(lambda x: x[0], metrics)
     return state, metrics
 
+  def map_rows(self, fn: Callable) -> Callable:
+    """A per-device `fn(params, rows) -> outputs` run on every device of every process, rows split over
+    the devices along their first axis (no accumulation axis), outputs with the same leading axis.
+
+    Returns `run(state, rows)`: `state` as the step holds it (its params are used as they are, no copy),
+    `rows` this process's numpy rows (a multiple of its local device count); the result is every
+    output gathered over all processes, as numpy with the global row count (process 0's rows first).
+    """
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    n = len(self.local_devices)
+    if self.mode == "shard_map":
+      mapped = jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS),
+                                     check_vma=False))
+      sharding = NamedSharding(self.mesh, P(AXIS))
+
+      def run(state, rows):
+        arrays = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in rows.items()}
+        out = mapped(state["params"], arrays)
+        return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
+      return run
+    mapped = jax.pmap(fn, axis_name=AXIS, devices=self.local_devices)
+
+    def run(state, rows):
+      split = {k: np.asarray(v).reshape(n, -1, *np.shape(v)[1:]) for k, v in rows.items()}
+      out = jax.device_get(mapped(state["params"], split))
+      local = jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), out)
+      if jax.process_count() == 1:
+        return local
+      return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), local)
+    return run
+
   def cache_size(self) -> int:
     """Times the step was traced, hence compiled (tests assert one per batch shape)."""
     return self.traces
