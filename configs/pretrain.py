@@ -14,6 +14,9 @@ base        BASE on LibriSpeech 960 h. Hardware: the recipe's 64 V100 x 1.4M sam
             Expected outcome (paper, Table 2): fine-tuned on 960 h of labels, 3.4 / 8.5 WER on
             test-clean / test-other without a language model. Watch prob perplexity: it must stay far
             above 2 (codebook collapse) and the contrastive loss must leave its chance level ln(K+1).
+            Check a slice first: `w2v2 compile-check --config=configs/pretrain.py:base --topology=v5e-8
+            --config.model.dtype=bfloat16` (measured: 7.3 GiB of a v5e chip's 16 with accumulation 8;
+            6.9 GiB on v5e-64 with none; 2.55e14 model FLOP per update, 3.05e14 with remat).
 large       LARGE on LibriSpeech 960 h: 128 V100 x 1.2M samples, 250k updates, lr 3e-4 (paper).
 large_lv60  LARGE on Libri-Light 60k h: pre-LN, layer-norm conv encoder, no dropout, normalised
             waveforms, no feature penalty, 600k updates. lr 3e-4 as the paper (Table 6 / Sec. 4.2):

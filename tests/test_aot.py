@@ -75,3 +75,25 @@ def test_topologies_and_bad_names():
     assert name in aot.TOPOLOGIES
   with pytest.raises(ValueError, match="unknown TPU topology 'v5e-7'"):
     aot.topology("v5e-7")
+
+
+def test_flop_counter_counts_scans_conds_and_convolutions_exactly():
+  import jax
+  import jax.numpy as jnp
+  from w2v2_jax.train import flops
+
+  def fn(x, w, k, flag):
+    def body(carry, _):
+      return carry @ w, None                                   # (8, 16) @ (16, 16): 2 * 8 * 16 * 16
+    y, _ = jax.lax.scan(body, x, None, length=5)
+    z = jax.lax.cond(flag, lambda v: (v @ w) @ w, lambda v: v, y)   # the costlier branch: 2 matmuls
+    conv = jax.lax.conv_general_dilated(x[None], k, (2,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))
+    return z, conv
+
+  x, w = jnp.ones((8, 16)), jnp.ones((16, 16))
+  k = jnp.ones((3, 16, 4))                                     # kernel 3, 16 -> 4 channels, stride 2
+  table = flops.count(jax.make_jaxpr(fn)(x, w, k, True))
+  matmul = 2 * 8 * 16 * 16
+  conv_out = 1 * ((8 - 3) // 2 + 1) * 4
+  assert flops.total_flops(table, ("matmul",)) == 5 * matmul + 2 * matmul
+  assert flops.total_flops(table, ("conv",)) == 2 * conv_out * 3 * 16

@@ -96,54 +96,47 @@ def scope_of(stack: str, depth: int = 4) -> Tuple[str, str]:
   return "/".join(parts[:depth]) or "(step)", direction
 
 
+def _new_table() -> Dict[Tuple[str, str, str], Dict[str, float]]:
+  return collections.defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "ops": 0.0})
+
+
+def _walk(table, jaxpr, mult: float, prefix: str) -> None:
+  """Adds the ops of `jaxpr`, run `mult` times, to `table`; `prefix`: the enclosing calls' name stack."""
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    stack = f"{prefix}/{eqn.source_info.name_stack}" if prefix else str(eqn.source_info.name_stack)
+    if name == "cond":                      # the costlier branch alone
+      branches = []
+      for branch in eqn.params["branches"]:
+        sub = _new_table()
+        _walk(sub, getattr(branch, "jaxpr", branch), 1.0, stack)
+        branches.append(sub)
+      best = max(branches, key=lambda t: sum(v["flops"] for v in t.values()))
+      for key, value in best.items():
+        for field in ("flops", "bytes", "ops"):
+          table[key][field] += value[field] * mult
+      continue
+    nested = list(_subjaxprs(eqn))
+    if nested:
+      for sub, times in nested:
+        _walk(table, sub, mult * times, stack)
+      continue
+    if name in _FREE:
+      continue
+    kind, flops = _op_flops(eqn)
+    path, direction = scope_of(stack)
+    entry = table[(path, direction, kind)]
+    entry["flops"] += flops * mult
+    entry["bytes"] += mult * (sum(_bytes(v.aval) for v in eqn.invars if hasattr(v, "aval"))
+                              + sum(_bytes(v.aval) for v in eqn.outvars))
+    entry["ops"] += mult
+
+
 def count(closed_jaxpr) -> Dict[Tuple[str, str, str], Dict[str, float]]:
-  """{(module path, pass, kind): {"flops", "bytes", "ops"}} of a (closed) jaxpr; kind is matmul, conv
-  or elementwise."""
-  table: Dict[Tuple[str, str, str], Dict[str, float]] = collections.defaultdict(
-      lambda: {"flops": 0.0, "bytes": 0.0, "ops": 0.0})
-
-  def walk(jaxpr, mult: float, prefix: str) -> Dict[Tuple[str, str, str], Dict[str, float]]:
-    for eqn in jaxpr.eqns:
-      name = eqn.primitive.name
-      stack = f"{prefix}/{eqn.source_info.name_stack}" if prefix else str(eqn.source_info.name_stack)
-      if name == "cond":
-        # The costlier branch alone.
-        best, best_flops = None, -1.0
-        for branch in eqn.params["branches"]:
-          sub = collections.defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "ops": 0.0})
-          _walk_into(sub, getattr(branch, "jaxpr", branch), 1.0, stack)
-          total = sum(v["flops"] for v in sub.values())
-          if total > best_flops:
-            best, best_flops = sub, total
-        for k, v in (best or {}).items():
-          for field in ("flops", "bytes", "ops"):
-            table[k][field] += v[field] * mult
-        continue
-      nested = list(_subjaxprs(eqn))
-      if nested:
-        for sub, m in nested:
-          walk(sub, mult * m, stack)
-        continue
-      if name in _FREE:
-        continue
-      kind, flops = _op_flops(eqn)
-      path, direction = scope_of(stack)
-      entry = table[(path, direction, kind)]
-      entry["flops"] += flops * mult
-      entry["bytes"] += mult * (sum(_bytes(v.aval) for v in eqn.invars if hasattr(v, "aval"))
-                                + sum(_bytes(v.aval) for v in eqn.outvars))
-      entry["ops"] += mult
-    return table
-
-  def _walk_into(target, jaxpr, mult, prefix):
-    nonlocal table
-    saved, table = table, target
-    try:
-      walk(jaxpr, mult, prefix)
-    finally:
-      table = saved
-
-  walk(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), 1.0, "")
+  """{(module path, pass, kind): {"flops", "bytes", "ops"}} of a (closed) jaxpr, per execution; kind is
+  matmul, conv or elementwise."""
+  table = _new_table()
+  _walk(table, getattr(closed_jaxpr, "jaxpr", closed_jaxpr), 1.0, "")
   return dict(table)
 
 
