@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs.model import get_config
-from w2v2_jax import models
+from w2v2_jax import backend, models
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.train import optimizer, parallel, schedules
 from w2v2_jax.train import step as train_step
@@ -44,7 +44,10 @@ def init_params(cfg):
                                     np.zeros((1, 6400), np.float32))["params"])
 
 
-def run(cfg, batch, mode, devices, steps=2, total_steps=10, params=None):
+def run(cfg, batch, mode, devices, steps=2, total_steps=10, params=None, platform=None):
+  if platform:                       # trace (and so compile) the step as for another platform
+    with backend.compiling_for(platform):
+      return run(cfg, batch, mode, devices, steps, total_steps, params)
   module = models.build(cfg)
   tx = optimizer.make(OPTIM, total_steps)
   step = functools.partial(train_step.pretrain_step, module=module, tx=tx,
@@ -123,19 +126,20 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 
 def test_remat_and_scanned_layers_make_the_same_updates():
-  """Recomputation (model.remat) and the scanned encoder (model.scan_layers, stacked params) change
-  memory and compile time, not the numbers: the same 2 updates of 2 accumulated micro-batches on 2
-  devices as the plain model (dropout and LayerDrop off: their draws differ under scan)."""
+  """Recomputation (model.remat), the scanned encoder (model.scan_layers, stacked params) and the scanned
+  accumulation change memory and compile time, not the numbers: the same 2 updates of 2 accumulated
+  micro-batches on 2 devices as the plain model (dropout and LayerDrop off: their draws differ under scan)."""
   cfg = tiny()
   batch = make_batch(2, 4, pad_last=1500)
   ref, href, _ = run(cfg, batch, "shard_map", jax.devices()[:2])
-  for variant in (cfg.replace(remat="full"), cfg.replace(remat="dots", scan_layers=True),
-                  cfg.replace(scan_layers=True)):
+  # The last variant traces the step as for a GPU: accumulation as a lax.scan (CPU unrolls it).
+  for variant, platform in ((cfg.replace(remat="full"), None), (cfg.replace(remat="dots", scan_layers=True), None),
+                            (cfg.replace(scan_layers=True), "gpu")):
     params = init_params(cfg)
     if variant.scan_layers:
       params = jax.device_get(models.stack_layers(params))
       assert "layers" in params["wav2vec2"]["encoder"] and "layers_0" not in params["wav2vec2"]["encoder"]
-    got, hgot, dp = run(variant, batch, "shard_map", jax.devices()[:2], params=params)
+    got, hgot, dp = run(variant, batch, "shard_map", jax.devices()[:2], params=params, platform=platform)
     for ma, mb in zip(href, hgot):
       assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
     assert max_diff(ref["params"], models.unstack_layers(got["params"])) <= 1e-5, variant

@@ -4,9 +4,10 @@ Each step runs on ONE device's shard of the global batch; `parallel.py` runs it 
 `jax.jit(jax.shard_map(...))` or `jax.pmap`. Every collective is explicit: masked-frame counts,
 loss sums, the quantizer's codeword statistics and the gradients are `psum`med over `axis_name`.
 
-Gradient accumulation is a `lax.scan` over the update's (A, b, ...) micro-batches: one micro-batch's
-activations are alive at a time, and memory and compile time do not depend on A. The scanned body
-is the task's objective (`train/objective.py`), the function the tests check.
+Gradient accumulation is a `lax.scan` over the update's (A, b, ...) micro-batches on TPU and GPU: one
+micro-batch's activations are alive at a time, and memory and compile time do not depend on A (on
+CPU the micro-batches are unrolled, see `accumulate`). The accumulated function is the task's objective
+(`train/objective.py`), the one the tests check.
 
 Layout independence: masks, negatives and Gumbel noise are drawn with one key per utterance, folded
 from the step key and the utterance's global row index (`batch["row_ids"]`); the masked-count
@@ -38,9 +39,22 @@ def init_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> Stat
 
 
 def accumulate(loss_fn: Callable, params, micro_batches: Dict[str, jnp.ndarray]):
-  """Sum of `grad(loss_fn)(params, micro)` and of its aux over the leading (A) axis of `micro_batches`,
-  as a `lax.scan`: (grads, aux sums). loss_fn(params, micro) -> (loss, aux dict of scalars)."""
+  """Sum of `grad(loss_fn)(params, micro)` and of its aux over the leading (A) axis of `micro_batches`:
+  (grads, aux sums). loss_fn(params, micro) -> (loss, aux dict of scalars).
+
+  A `lax.scan` over the micro-batches when compiling for TPU or GPU: one micro-batch's activations are
+  alive at a time and the program does not grow with A. For CPU the micro-batches are unrolled: XLA:CPU
+  runs convolutions inside a loop body (like a conditional's branch) many times slower than at top
+  level, and host memory is not what limits a CPU run. A = 1 is a plain call either way. Same sums.
+  """
   grad_fn = jax.grad(loss_fn, has_aux=True)
+  num_micro = jax.tree_util.tree_leaves(micro_batches)[0].shape[0]
+  if num_micro == 1 or backend.target() == "cpu":
+    total = None
+    for a in range(num_micro):
+      out = grad_fn(params, jax.tree_util.tree_map(lambda x, a=a: x[a], micro_batches))
+      total = out if total is None else jax.tree_util.tree_map(jnp.add, total, out)
+    return total
   first = jax.tree_util.tree_map(lambda x: x[0], micro_batches)
   zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, first))
 
