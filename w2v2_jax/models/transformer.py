@@ -127,12 +127,19 @@ class _ScannedLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, padding_mask: Optional[Array]) -> Tuple[Array, Optional[Array]]:
     layer = _layer_class(self.remat)(*self.layer_args, name="layer")
-    if self.deterministic or self.layerdrop == 0.0 or self.is_initializing():
-      y = layer(x, padding_mask, self.deterministic)
-    else:
-      skip = jax.random.uniform(self.make_rng("layerdrop")) < self.layerdrop
-      y = nn.cond(skip, lambda mdl, z: z, lambda mdl, z: mdl(z, padding_mask, False), layer, x)
+    y = _apply_with_layerdrop(self, layer, x, padding_mask, self.deterministic, self.layerdrop)
     return y, (x if self.emit_inputs else None)
+
+
+def _apply_with_layerdrop(parent: nn.Module, layer: nn.Module, x: Array, padding_mask: Optional[Array],
+                          deterministic: bool, layerdrop: float) -> Array:
+  """`layer(x)`, skipped with probability `layerdrop` in training: a traced coin from `parent`'s
+  'layerdrop' rng (per device: the caller folds the device index into it) and real control flow, so a
+  skipped layer costs nothing and nothing recompiles."""
+  if deterministic or layerdrop == 0.0 or parent.is_initializing():
+    return layer(x, padding_mask, deterministic)
+  skip = jax.random.uniform(parent.make_rng("layerdrop")) < layerdrop
+  return nn.cond(skip, lambda mdl, y: y, lambda mdl, y: mdl(y, padding_mask, False), layer, x)
 
 
 def _layer_class(remat: str):
@@ -226,17 +233,12 @@ class TransformerEncoder(nn.Module):
                           name="layers")(x, padding_mask)
       if output_hidden_states:
         hidden = [inputs[i] for i in range(self.num_layers)]
-    for i in range(0 if self.scan_layers else self.num_layers):
-      if output_hidden_states:
-        hidden.append(x)
-      layer = _layer_class(self.remat)(*layer_args, name=f"layers_{i}")
-      if deterministic or self.layerdrop == 0.0 or self.is_initializing():
-        x = layer(x, padding_mask, deterministic)
-      else:
-        # LayerDrop: a traced coin per layer (per device: the caller folds the device index into the rng),
-        # and real control flow, so a skipped layer costs nothing and nothing recompiles.
-        skip = jax.random.uniform(self.make_rng("layerdrop")) < self.layerdrop
-        x = nn.cond(skip, lambda mdl, y: y, lambda mdl, y: mdl(y, padding_mask, False), layer, x)
+    else:
+      for i in range(self.num_layers):
+        if output_hidden_states:
+          hidden.append(x)
+        layer = _layer_class(self.remat)(*layer_args, name=f"layers_{i}")
+        x = _apply_with_layerdrop(self, layer, x, padding_mask, deterministic, self.layerdrop)
     if self.layer_norm_first:
       x = final_norm(x)
     if output_hidden_states:

@@ -174,8 +174,8 @@ def compile_check(config: Any, topology_name: str, *, bucket: Optional[int] = No
 
   Keys: topology, chip, chips, hbm_gib (per chip), the geometry of `build`, compile_seconds,
   argument/output/alias/temp/code bytes and total_bytes (peak HBM per chip), fits (bool),
-  headroom (fraction of HBM left), flops_per_chip (one update, the compiler's count), flops_per_update
-  (all chips), ideal_update_seconds (at the chip's bf16 peak), and with `target_hours` the MFU that
+  headroom (fraction of HBM left), flops_per_chip (one update, counted on the jaxpr by `train/flops.py`;
+  xla_flops_per_chip: XLA's count, one loop body), flops_per_update (all chips), ops (the costliest ops), ideal_update_seconds (at the chip's bf16 peak), and with `target_hours` the MFU that
   finishing config.train.steps updates in that time needs. Raises `CompileError` (with the compiler's
   message) when the step does not fit or does not compile.
   """

@@ -60,8 +60,8 @@ class Validator:
     todo = sorted(self.refs)
     sizes = np.asarray(self.source.sizes)
     self.bucket_samples = max(int(bucket_samples), cfg.receptive_field)
-    plan = inference.plan_batches([int(sizes[i]) for i in todo], max(int(batch_seconds * 16000), 1),
-                                  self.bucket_samples)
+    budget = max(int(batch_seconds * inference.SAMPLE_RATE), 1)
+    plan = inference.plan_batches([int(sizes[i]) for i in todo], budget, self.bucket_samples)
     self.plan = [[todo[j] for j in batch] for batch in plan]
     module = models.build(cfg)
 
@@ -79,7 +79,7 @@ class Validator:
 
   def _load(self, index: int):
     try:
-      return self.source.load(index, sample_rate=16000, normalize=self.normalize).audio
+      return self.source.load(index, sample_rate=inference.SAMPLE_RATE, normalize=self.normalize).audio
     except AudioError as e:
       return e
 
