@@ -36,6 +36,7 @@ tiny: the tiny pretraining model fine-tuned on a few minutes of labeled audio on
 """
 import ml_collections
 
+from w2v2_jax.data import augment
 from w2v2_jax.models import presets
 
 SAMPLE_RATE = 16000
@@ -77,6 +78,7 @@ def get_config(arg: str = "base_10m") -> ml_collections.ConfigDict:
       min_sample_size=0, max_sample_size=560000,
       buckets=(80000, 160000, 240000, 320000, 400000, 560000),   # padded (never cropped) lengths
       num_threads=8, prefetch=16, seed=0))
+  c.data.augment = augment.config_dict()     # waveform augmentation (w2v2_jax/data/augment.py); off
   c.batch = ml_collections.ConfigDict(dict(global_seconds=3.2e6 * 8 / SAMPLE_RATE,
                                            device_seconds=3.2e6 / SAMPLE_RATE))
   c.optim = ml_collections.ConfigDict(dict(

@@ -30,6 +30,7 @@ tiny        A 0.1M-parameter model on a few minutes of audio, 2 CPU cores: 200 u
 """
 import ml_collections
 
+from w2v2_jax.data import augment
 from w2v2_jax.models import presets
 
 SAMPLE_RATE = 16000
@@ -56,6 +57,7 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
       prefetch=16,
       seed=0,
   ))
+  c.data.augment = augment.config_dict()     # waveform augmentation (w2v2_jax/data/augment.py); off
   c.batch = ml_collections.ConfigDict(dict(
       global_seconds=1.4e6 * 64 / SAMPLE_RATE,    # 5600 s of audio per update (fairseq: 64 x 1.4M samples)
       device_seconds=1.4e6 / SAMPLE_RATE,         # per device per micro-step (memory bound)

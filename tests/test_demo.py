@@ -9,13 +9,15 @@ import re
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from w2v2_jax import demo
 
-SCALE = 0.01          # 30 pretraining and 20 fine-tuning updates of the small configs
+SCALE = 0.01          # 30 pretraining updates, 30 (small_1h) and 20 (small_10m) fine-tuning updates
 ARGS = ["--out", "run", "--corpus", "corpus", "--hours", "0.03", "--scale", str(SCALE), "--eval-minutes", "0.3",
-        "--labeled-minutes", "0.5"]
+        "--labeled-minutes", "0.5", "--low-minutes", "0.25"]
 
 
 def run_demo(cwd):
@@ -67,6 +69,41 @@ def test_demo_report(demo_run):
   assert any(line.startswith("== 2/5 pretraining: 30 updates") for line in lines)
 
 
+def test_demo_compares_pretrained_with_random_initialisation(demo_run):
+  """Each baseline is the same fine-tuning (config, data, updates, seed) from random initialisation; the
+  probes train only the output layer, on the pretrained or the random backbone."""
+  root, report, lines = demo_run
+  run, cmp = root / "run", report["compare"]
+  assert set(cmp) == {"pretrained", "scratch", "pretrained_low", "scratch_low", "probe", "probe_random"}
+  for a, b in (("pretrained", "scratch"), ("pretrained_low", "scratch_low"), ("probe", "probe_random")):
+    assert (cmp[a]["init"], cmp[b]["init"]) == ("pretrained", "random")
+    assert {k: cmp[a][k] for k in ("config", "split", "updates", "probe")} == {
+        k: cmp[b][k] for k in ("config", "split", "updates", "probe")}
+    assert 0.0 <= cmp[a]["test_cer"] and 0.0 <= cmp[b]["test_cer"]
+  assert cmp["pretrained"]["split"] == "train_0.5m" and cmp["pretrained_low"]["split"] == "train_0.25m"
+  assert cmp["pretrained_low"]["updates"] == 20 and cmp["probe"]["probe"] and not cmp["scratch"]["probe"]
+  assert cmp["pretrained"]["test_cer"] == report["test"]["cer"]
+  # No freeze from random initialisation; the probes never unfreeze.
+  scratch = [json.loads(line) for line in (run / "finetune_scratch" / "metrics.jsonl").read_text().splitlines()]
+  assert scratch and all(r["frozen"] == 0.0 for r in scratch)
+  probe = [json.loads(line) for line in (run / "probe" / "metrics.jsonl").read_text().splitlines()]
+  assert probe and all(r["frozen"] == 1.0 for r in probe)
+  # The probe's exported backbone is the pretrained one, untouched.
+  from w2v2_jax import convert
+  from w2v2_jax.train import loop
+  _, pretrained = loop.load_pretrained(str(run / "pretrain"))
+  _, probed = convert.from_hf(str(run / "probe" / "export"))
+  flat_pre = dict(jax.tree_util.tree_leaves_with_path(pretrained))
+  for path, value in jax.tree_util.tree_leaves_with_path(probed["wav2vec2"]):
+    if path in flat_pre:
+      np.testing.assert_array_equal(value, flat_pre[path], err_msg=jax.tree_util.keystr(path))
+  assert sum(path in flat_pre for path, _ in jax.tree_util.tree_leaves_with_path(probed["wav2vec2"])) > 20
+  assert any(line.startswith("fine-tuning, pretrained vs random init on train_0.25m") for line in lines)
+  assert any(line.startswith("linear probe (frozen features)") for line in lines)
+  with open(report["plots"]["compare"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_demo_resumes_without_retraining(demo_run):
   """A second run reuses the corpus and the finished checkpoints: no update is taken again."""
   root, report, _ = demo_run
@@ -76,7 +113,7 @@ def test_demo_resumes_without_retraining(demo_run):
   assert os.path.getmtime(root / "run" / "pretrain" / "metrics.jsonl") == before
   assert os.path.getmtime(report["test_lm"]["lm"]) == lm_before       # the cached LM is not rebuilt
   assert again["test"] == report["test"] and again["pretrain"] == report["pretrain"]
-  assert again["test_lm"] == report["test_lm"]
+  assert again["test_lm"] == report["test_lm"] and again["compare"] == report["compare"]
 
 
 def test_demo_cli_rejects_bad_scale(tmp_path):

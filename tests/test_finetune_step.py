@@ -82,6 +82,18 @@ def test_freeze_modes_make_the_same_updates(grad_mult):
     run(jax.devices()[:1], batch(), steps=1, freeze=1, freeze_mode="sometimes")
 
 
+def test_always_frozen_is_a_linear_probe_with_the_masked_updates():
+  """freeze_mode="always" (a probe of frozen features: no backbone backward) trains only the output
+  layer, exactly as a freeze that covers every update does in "mask" mode."""
+  h_probe, s_probe = run(jax.devices()[:1], batch(), steps=3, freeze=3, freeze_mode="always")
+  h_mask, s_mask = run(jax.devices()[:1], batch(), steps=3, freeze=3, freeze_mode="mask")
+  assert [h["frozen"] for h in h_probe] == [1.0, 1.0, 1.0]
+  assert not changed(s_probe[0]["wav2vec2"], s_probe[-1]["wav2vec2"]) and changed(s_probe[0]["proj"], s_probe[-1]["proj"])
+  np.testing.assert_allclose([h["loss"] for h in h_probe], [h["loss"] for h in h_mask], rtol=1e-6)
+  for x, y in zip(jax.tree_util.tree_leaves(s_probe[-1]), jax.tree_util.tree_leaves(s_mask[-1])):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
 def test_eight_devices_match_one_device():
   data = batch()
   h1, s1 = run(jax.devices()[:1], data, steps=2)

@@ -193,19 +193,27 @@ def _demo(argv: List[str]) -> None:
   parser = argparse.ArgumentParser(
       prog="w2v2 demo",
       description="The whole system on 2 CPU cores: synthesise a corpus (cached), pretrain the small model, "
-                  "fine-tune it with CTC on the labeled hour, evaluate on unseen voices, transcribe a file, "
-                  "plot the curves and write a report. A killed demo resumes where it stopped.")
+                  "fine-tune it with CTC on the labeled hour and, as the baseline, from random initialisation "
+                  "(and both on 10 labeled minutes; linear probes of frozen features), evaluate on unseen "
+                  "voices, transcribe a file, plot the curves and write a report. A killed demo resumes where "
+                  "it stopped.")
   parser.add_argument("--out", default="runs/demo", help="run folder (checkpoints, plots, report)")
   parser.add_argument("--corpus", default="data/tts_corpus", help="corpus folder (reused when present)")
   parser.add_argument("--hours", type=float, default=1.0, help="hours of synthetic train audio")
   parser.add_argument("--scale", type=float, default=1.0,
-                      help="multiplies the updates of both training stages (1: about 36 min on 2 cores)")
+                      help="multiplies the updates of every training stage")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--eval-minutes", type=float, default=5.0, help="minutes of valid and of test audio")
   parser.add_argument("--labeled-minutes", type=float, default=60.0,
                       help="minutes of labeled audio to fine-tune on (the corpus split train_<M>m; default 60)")
   parser.add_argument("--finetune-config", default="small_1h",
                       help="configs/finetune.py entry (default small_1h; small_10m for --labeled-minutes 10)")
+  parser.add_argument("--no-compare", dest="compare", action="store_false",
+                      help="skip the baselines: fine-tuning from random initialisation, the low-resource pair "
+                           "and the linear probes")
+  parser.add_argument("--low-minutes", type=float, default=10.0,
+                      help="labeled minutes of the low-resource comparison (split train_<M>m; default 10)")
+  parser.add_argument("--low-config", default="small_10m", help="configs/finetune.py entry for it")
   parser.add_argument("--configs", default=None, help="configs folder (default: the checkout's configs/)")
   args = parser.parse_args(argv)
   from w2v2_jax import demo  # pylint: disable=import-outside-toplevel
@@ -214,8 +222,8 @@ def _demo(argv: List[str]) -> None:
   try:
     demo.run(args.out, args.corpus, hours=args.hours, scale=args.scale, seed=args.seed, configs=args.configs,
              eval_minutes=args.eval_minutes, labeled_minutes=args.labeled_minutes,
-             finetune_config=args.finetune_config,
-             say=lambda line: print(line, flush=True))
+             finetune_config=args.finetune_config, compare=args.compare, low_minutes=args.low_minutes,
+             low_config=args.low_config, say=lambda line: print(line, flush=True))
   except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:
     sys.exit(f"w2v2 demo: {e}")
 

@@ -5,18 +5,21 @@
   2. pretrain    configs/pretrain.py:small (2.2M parameters) on the train audio, no labels.
   3. finetune    configs/finetune.py:small_1h: CTC on the labeled hour (train_60m: all of train at the
                  default size), conv encoder included, validated on unseen voices; the best model by
-                 validation CER is exported. (small_10m on train_10m: `labeled_minutes=10,
-                 finetune_config="small_10m"`.)
-  4. evaluate    WER / CER of that model on the test split (voices and sentences never trained on):
+                 validation CER is exported. The claim of the paper, checked (`compare`, the default):
+                 the same fine-tuning from random initialisation (same config, data, updates, seed);
+                 both again on 10 labeled minutes (small_10m on train_10m); and a linear CTC probe
+                 (frozen features, only the output layer trains) of the pretrained vs a random model.
+  4. evaluate    WER / CER of every fine-tuned model on the test split (voices and sentences never trained on):
                  greedy, and beam search with a word 4-gram LM (`w2v2 build-lm` on the corpus's lm.txt,
                  which leaves out the valid and test sentences; LM weights chosen on valid), when the
                  `kenlm` package is installed.
   5. transcribe  one test file, reference vs hypothesis.
   6. report      PNG curves (pretraining loss vs its chance level ln(K+1), accuracy, prob perplexity,
-                 temperature; CTC loss and valid CER) and report.md / report.json in the run folder.
+                 temperature; CTC loss and valid CER; valid CER of every arm, compare.png) and
+                 report.md / report.json in the run folder.
 
 Every stage resumes: a killed demo picks up where it stopped (checkpoints, finished corpus files).
-`scale` multiplies the number of updates of both training stages (1.0: about 36 minutes on 2 cores).
+`scale` multiplies the number of updates of every training stage.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import os
 import time
 from typing import Any, Callable, Optional
 
+from w2v2_jax import plots
 from w2v2_jax.corpus import synthesize
 
 log = logging.getLogger(__name__)
@@ -61,14 +65,15 @@ def _stage(name: str, say: Callable[[str], None]):
 
 def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hours: float = 1.0, scale: float = 1.0,
         seed: int = 0, eval_minutes: float = 5.0, labeled_minutes: float = 60.0, configs: Optional[str] = None,
-        finetune_config: str = "small_1h", say: Callable[[str], None] = print) -> dict[str, Any]:
+        finetune_config: str = "small_1h", compare: bool = True, low_minutes: float = 10.0,
+        low_config: str = "small_10m", say: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or resumes) the demo; returns the report (also written to out_dir/report.json).
 
   hours / eval_minutes / labeled_minutes: the corpus (`make_corpus`); the labeled split train_<M>m is
   what fine-tuning trains on, with configs/finetune.py:`finetune_config`; scale: multiplies the updates
   of both training stages; `say` receives the stage headers and the final report lines (the CLI prints
   them)."""
-  from w2v2_jax import inference, plots  # pylint: disable=import-outside-toplevel
+  from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data.audio import load_audio  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data.manifest import read_manifest  # pylint: disable=import-outside-toplevel
   from w2v2_jax.progress import ProgressBar  # pylint: disable=import-outside-toplevel
@@ -81,7 +86,8 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   times, report = {}, {"seed": seed, "scale": scale}
 
   start = _stage(f"1/5 corpus: {hours:g} h of synthetic speech in {corpus_dir} (cached after the first run)", say)
-  corpus = synthesize.make_corpus(corpus_dir, hours, eval_minutes=eval_minutes, labeled_minutes=labeled_minutes,
+  corpus = synthesize.make_corpus(corpus_dir, hours, eval_minutes=eval_minutes,
+                                  labeled_minutes=(labeled_minutes, low_minutes) if compare else labeled_minutes,
                                   seed=seed, progress=ProgressBar("synthesising"))
   labeled = f"train_{labeled_minutes:g}m"
   times["corpus"] = time.monotonic() - start
@@ -110,23 +116,29 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
       "codebook_size": pre_cfg.model.latent_groups * pre_cfg.model.latent_vars,
       "leaves_chance_at": plots.chance_exit_step(records, chance)}
 
-  ft_cfg = load_config(os.path.join(configs, "finetune.py"), finetune_config)
-  ft_cfg.init = pre_dir
-  ft_cfg.data.train_manifest = manifest(labeled)
-  ft_cfg.data.valid_manifest = manifest("valid")
-  ft_cfg.train.steps = _scaled(ft_cfg.train.steps, scale)
-  ft_cfg.train.freeze_updates = min(ft_cfg.train.freeze_updates, ft_cfg.train.steps // 2)
-  ft_cfg.train.eval_every = max(1, min(ft_cfg.train.eval_every, ft_cfg.train.steps // 4))
-  ft_cfg.train.seed = ft_cfg.data.seed = seed
-  ft_dir = os.path.join(out_dir, "finetune")
-  start = _stage(f"3/5 fine-tuning (CTC): {ft_cfg.train.steps} updates on {labeled} -> {ft_dir}", say)
-  loop.finetune(ft_cfg, ft_dir)
+  start = time.monotonic()
+  main = _finetune_arm(configs, finetune_config, labeled, pre_dir, os.path.join(out_dir, "finetune"), manifest,
+                       scale=scale, seed=seed, say=say,
+                       title=f"3/5 fine-tuning (CTC) from the pretrained model on {labeled}")
+  ft_cfg, ft_dir = main["config"], main["dir"]
+  report["finetune"] = main["summary"]
   times["finetune"] = time.monotonic() - start
-  with open(os.path.join(ft_dir, "best.json")) as f:
-    best = json.load(f)
-  report["finetune"] = {"updates": int(ft_cfg.train.steps), "best_step": best["step"],
-                        "valid_wer": round(best["wer"], 4), "valid_cer": round(best["cer"], 4)}
-
+  arms = {}
+  if compare:
+    low = f"train_{low_minutes:g}m"
+    report["low_split"], report["low_config"] = low, low_config
+    plan = [("scratch", finetune_config, labeled, "", "finetune_scratch", "from random initialisation")]
+    if low != labeled:
+      plan += [("pretrained_low", low_config, low, pre_dir, "finetune_low", "from the pretrained model"),
+               ("scratch_low", low_config, low, "", "finetune_low_scratch", "from random initialisation")]
+    plan += [("probe", finetune_config, labeled, pre_dir, "probe", "probe of the pretrained features"),
+             ("probe_random", finetune_config, labeled, "", "probe_random", "probe of random features")]
+    for name, cfg_name, split, init, folder, what in plan:
+      start = time.monotonic()
+      arms[name] = _finetune_arm(configs, cfg_name, split, init, os.path.join(out_dir, folder), manifest,
+                                 scale=scale, seed=seed, say=say, probe=name.startswith("probe"),
+                                 title=f"3/5 fine-tuning (CTC) {what} on {split}")
+      times[folder] = time.monotonic() - start
   start = _stage("4/5 evaluating on the test split (unseen voices and sentences)", say)
   recognizer = inference.Recognizer.load(os.path.join(ft_dir, "export"))
   hyp_path = os.path.join(out_dir, "test_hypotheses.tsv")
@@ -134,6 +146,13 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   report["test"] = {"wer": round(float(scores["wer"]), 4), "cer": round(float(scores["cer"]), 4),
                     "utterances": int(scores["utterances"]), "hypotheses": hyp_path}
   report["test_lm"] = _lm_decoding(recognizer, corpus_dir, out_dir, manifest, say)
+  if arms:
+    report["compare"] = {"pretrained": dict(report["finetune"], test_cer=report["test"]["cer"],
+                                            test_wer=report["test"]["wer"])}
+    for name, arm in arms.items():
+      scores = inference.evaluate(inference.Recognizer.load(os.path.join(arm["dir"], "export")), manifest("test"))
+      report["compare"][name] = dict(arm["summary"], test_cer=round(float(scores["cer"]), 4),
+                                     test_wer=round(float(scores["wer"]), 4))
   times["evaluate"] = time.monotonic() - start
 
   start = _stage("5/5 transcribing one test file; plots; report", say)
@@ -145,6 +164,14 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
       "pretrain": plots.pretrain_figure(pre_dir, os.path.join(out_dir, "pretrain.png"),
                                         num_negatives=pre_cfg.model.num_negatives),
       "finetune": plots.finetune_figure(ft_dir, os.path.join(out_dir, "finetune.png"))}
+  if arms:
+    curves = {f"pretrained, {labeled}": ft_dir, f"scratch, {labeled}": arms["scratch"]["dir"]}
+    if "pretrained_low" in arms:
+      curves.update({f"pretrained, {report['low_split']}": arms["pretrained_low"]["dir"],
+                     f"scratch, {report['low_split']}": arms["scratch_low"]["dir"]})
+    curves.update({f"probe, pretrained features, {labeled}": arms["probe"]["dir"],
+                   f"probe, random features, {labeled}": arms["probe_random"]["dir"]})
+    report["plots"]["compare"] = plots.comparison_figure(curves, os.path.join(out_dir, "compare.png"))
   times["report"] = time.monotonic() - start
   report["minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
   report["minutes"]["total"] = round(sum(times.values()) / 60, 2)
@@ -156,6 +183,59 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   for line in lines:
     say(line)
   return report
+
+
+PROBE_LR = 2e-3          # the output layer alone: a larger step than fine-tuning the whole model
+
+
+def _finetune_arm(configs: str, config_name: str, split: str, init: str, workdir: str,
+                  manifest: Callable[[str], str], *, scale: float, seed: int, say: Callable[[str], None],
+                  title: str, probe: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) one CTC fine-tuning of the demo: configs/finetune.py:`config_name` on the corpus
+  split `split`, from `init` (a pretraining run; "" = random initialisation), validated on valid.
+
+  From random initialisation there is no freeze (a random transformer gains nothing from it, so the
+  baseline only benefits). probe: only the output layer trains, on frozen features (no masks, no conv
+  encoder training, lr PROBE_LR), for the same number of updates: a linear CTC probe of what the
+  backbone's last layer encodes.
+  Returns {"config", "dir", "summary"}; the best model by valid CER/WER is exported to workdir/export.
+  """
+  from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
+  cfg = load_config(os.path.join(configs, "finetune.py"), config_name)
+  cfg.init = init
+  cfg.data.train_manifest = manifest(split)
+  cfg.data.valid_manifest = manifest("valid")
+  cfg.train.steps = _scaled(cfg.train.steps, scale)
+  cfg.train.freeze_updates = min(cfg.train.freeze_updates, cfg.train.steps // 2) if init else 0
+  if probe:
+    cfg.train.freeze_updates = cfg.train.steps
+    cfg.model.mask_prob = cfg.model.mask_channel_prob = cfg.model.feature_grad_mult = 0.0
+    cfg.optim.lr = PROBE_LR
+  cfg.train.eval_every = max(1, min(cfg.train.eval_every, cfg.train.steps // 4))
+  cfg.train.seed = cfg.data.seed = seed
+  _stage(f"{title} ({config_name}, {cfg.train.steps} updates) -> {workdir}", say)
+  loop.finetune(cfg, workdir)
+  with open(os.path.join(workdir, "best.json")) as f:
+    best = json.load(f)
+  valid = plots.read_jsonl(os.path.join(workdir, "valid.jsonl"))
+  summary = {"config": config_name, "split": split, "init": "pretrained" if init else "random",
+             "probe": probe, "updates": int(cfg.train.steps), "best_step": best["step"],
+             "valid_wer": round(best["wer"], 4), "valid_cer": round(best["cer"], 4),
+             "valid_cer_curve": {int(r["step"]): round(float(r["valid/cer"]), 4) for r in valid}}
+  return {"config": cfg, "dir": workdir, "summary": summary}
+
+
+def _comparison_lines(compare: dict[str, Any]) -> list[str]:
+  """Pretrained vs random initialisation, same config, data, updates and seed (test CER, greedy)."""
+  def pair(a: str, b: str, what: str) -> str:
+    x, y = compare[a], compare[b]
+    return (f"{what} on {x['split']} ({x['config']}, {x['updates']} updates): test CER {x['test_cer']:.3f} vs "
+            f"{y['test_cer']:.3f} (pretrained - random {x['test_cer'] - y['test_cer']:+.3f}); best valid CER "
+            f"{x['valid_cer']:.3f} (update {x['best_step']}) vs {y['valid_cer']:.3f} (update {y['best_step']})")
+  pairs = [("pretrained", "scratch", "fine-tuning, pretrained vs random init"),
+           ("pretrained_low", "scratch_low", "fine-tuning, pretrained vs random init"),
+           ("probe", "probe_random", "linear probe (frozen features), pretrained vs random")]
+  return [pair(a, b, what) for a, b, what in pairs if a in compare]
 
 
 LM_ORDER = 4
@@ -191,6 +271,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
   c, p, ft, t, tr = (report[k] for k in ("corpus", "pretrain", "finetune", "test", "transcribe"))
   labeled = c[report["labeled_split"]]
   lm_ = report.get("test_lm")
+  compare = report.get("compare")
   leaves = (f"left its chance level at update {p['leaves_chance_at']}" if p["leaves_chance_at"] is not None
             else "did not leave its chance level")
   return [
@@ -203,6 +284,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
       f"best valid CER {ft['valid_cer']:.3f} WER {ft['valid_wer']:.3f} "
       f"(update {ft['best_step']})",
       f"test (unseen voices): WER {t['wer']:.3f} CER {t['cer']:.3f} on {t['utterances']} utterances (greedy)",
+      *(_comparison_lines(compare) if compare else []),
       *([f"test with beam {lm_['beam']} + {lm_['order']}-gram LM (alpha {lm_['alpha']}, beta {lm_['beta']} "
          f"chosen on valid): WER {lm_['wer']:.3f} CER {lm_['cer']:.3f}"] if lm_ else []),
       f"transcribe {os.path.basename(tr['file'])}: REF {tr['reference']!r}",

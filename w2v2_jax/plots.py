@@ -350,3 +350,38 @@ def finetune_figure(workdir: str, out_png: str, *, size_px: Tuple[int, int] = (1
   ax_err.set_ylim(bottom=0.0)
   _finish(ax_err, "(b) validation error rates", "error rate (%)", drawn)
   return _save(fig, out_png, dpi)
+
+
+def comparison_figure(runs: Mapping[str, str], out_png: str, *, metric: str = "cer",
+                      size_px: Tuple[int, int] = (800, 500), dpi: int = 100) -> str:
+  """Validation curves of several fine-tuning runs on one axis (e.g. from the pretrained model and from
+  random initialisation, same config, data, updates and seed).
+
+  Args:
+    runs: legend label -> run directory holding valid.jsonl.
+    out_png: the PNG to write (parent directories are created).
+    metric: "cer" or "wer", drawn in percent against the update step.
+
+  Returns:
+    `out_png`.
+
+  Raises:
+    FileNotFoundError: a run has no valid.jsonl.
+  """
+  if metric not in ("cer", "wer"):
+    raise ValueError(f"metric must be 'cer' or 'wer', got {metric!r}")
+  fig = _new_figure(size_px, dpi)
+  ax = fig.subplots(1, 1)
+  fig.suptitle(f"validation {metric.upper()}: pretrained vs random initialisation")
+  drawn = False
+  for i, (label, workdir) in enumerate(runs.items()):
+    path = os.path.join(workdir, VALID)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no validation log for {label!r}")
+    valid = [{"step": r["step"], metric: 100.0 * _valid_value(r, metric)} for r in read_jsonl(path)
+             if isinstance(_valid_value(r, metric), (int, float))]
+    style = dict(color=f"C{i // 2}", linestyle="-" if i % 2 == 0 else "--", marker="o" if i % 2 == 0 else "s")
+    drawn |= _plot(ax, valid, metric, label, **style)
+  ax.set_ylim(bottom=0.0)
+  _finish(ax, "", f"valid {metric.upper()} (%)", drawn)
+  return _save(fig, out_png, dpi)

@@ -173,7 +173,8 @@ def _write_split(out_dir: str, name: str, utts: Sequence[Utterance], sizes: dict
   _write_lines(os.path.join(out_dir, f"{name}.wrd"), [u.text for u in utts])
 
 
-def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0, labeled_minutes: float = 10.0,
+def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
+                labeled_minutes: float | Sequence[float] = 10.0,
                 seed: int = 0, engines: Sequence[str] = tuple(voices_lib.ENGINE_WEIGHTS), text_file: str | None = None,
                 workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> dict:
@@ -181,7 +182,8 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0, 
 
   hours: train audio (estimated while planning; the summary has the measured figure);
   eval_minutes: valid and test audio each; labeled_minutes: the labeled subset train_<M>m, the first
-  train utterances in plan order (random voices and sentences) up to that much measured audio;
+  train utterances in plan order (random voices and sentences) up to that much measured audio (a
+  sequence gives one nested split per amount: train_10m is the start of train_60m);
   text_file: one paragraph per line instead of the King James Bible; workers: parallel renders
   (default: CPU count); progress(done, total) is called after each utterance.
   """
@@ -231,14 +233,17 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0, 
 
   kept = [u for u in utts if u.id in sizes]
   by_split = {s: [u for u in kept if u.split == s] for s in voices_lib.SPLITS}
-  labeled, seconds = [], 0.0
-  for u in by_split["train"]:
-    if seconds >= labeled_minutes * 60:
-      break
-    labeled.append(u)
-    seconds += sizes[u.id] / SAMPLE_RATE
-  labeled_name = f"train_{labeled_minutes:g}m"
-  for name, split_utts in list(by_split.items()) + [(labeled_name, labeled)]:
+  amounts = [labeled_minutes] if isinstance(labeled_minutes, (int, float)) else list(labeled_minutes)
+  labeled_splits = []
+  for minutes in amounts:
+    labeled, seconds = [], 0.0
+    for u in by_split["train"]:
+      if seconds >= minutes * 60:
+        break
+      labeled.append(u)
+      seconds += sizes[u.id] / SAMPLE_RATE
+    labeled_splits.append((f"train_{minutes:g}m", labeled))
+  for name, split_utts in list(by_split.items()) + labeled_splits:
     _write_split(out_dir, name, split_utts, sizes)
   counts = collections.Counter(c for u in by_split["train"] for c in sentences_lib.letters_line(u.text).split())
   _write_lines(os.path.join(out_dir, "dict.ltr.txt"), [f"{c} {n}" for c, n in counts.most_common()])
@@ -256,7 +261,7 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0, 
       "splits": {name: {"utterances": len(split_utts),
                         "hours": round(sum(sizes[u.id] for u in split_utts) / SAMPLE_RATE / 3600, 4),
                         "voices": sorted({f"{u.engine}:{u.voice}" for u in split_utts})}
-                 for name, split_utts in list(by_split.items()) + [(labeled_name, labeled)]},
+                 for name, split_utts in list(by_split.items()) + labeled_splits},
   }
   with open(os.path.join(out_dir, "corpus.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1)

@@ -30,6 +30,7 @@ import grain
 import numpy as np
 
 from w2v2_jax.data import audio as audio_lib
+from w2v2_jax.data import augment as augment_lib
 from w2v2_jax.data import batching
 from w2v2_jax.data.manifest import Manifest
 from w2v2_jax.data.source import Source, as_source
@@ -117,8 +118,9 @@ class _LoadEntry:
   """Plan entry -> this host's batch dict, or {"skipped": True, "stats"} when a micro-batch is unusable."""
 
   def __init__(self, source: Source, args: PlanArgs, process_index: int, process_count: int,
-               sample_rate: int, normalize: bool):
+               sample_rate: int, normalize: bool, augment: augment_lib.AugmentConfig | None = None):
     self._source = source
+    self._augment = augment if augment is not None and augment.enabled else None
     self._args = args
     self._process_index = process_index
     self._process_count = process_count
@@ -179,21 +181,43 @@ class _LoadEntry:
 
   def _load_row(self, index: int, epoch: int, length: int) -> _Row:
     try:
-      ex = self._source.load(index, sample_rate=self._sample_rate, normalize=self._normalize)
+      # With augmentation the waveform is normalised after it (a gain or added noise must not survive it).
+      ex = self._source.load(index, sample_rate=self._sample_rate,
+                             normalize=self._normalize and self._augment is None)
     except audio_lib.AudioError as e:
       return _Row(reason=e.reason, detail=f"{e.reason} ({e.detail})" if e.detail else e.reason)
-    n = int(ex.audio.shape[0])
+    audio, n = ex.audio, int(ex.audio.shape[0])
     args = self._args
     if args.mode == "crop":
       if n < max(length, args.min_sample_size):
         return _Row(info=ex.info, reason=TOO_SHORT, detail=f"too_short ({n} samples < bucket {length})")
+    else:
+      if n < args.min_sample_size:
+        return _Row(info=ex.info, reason=TOO_SHORT, detail=f"too_short ({n} samples < {args.min_sample_size})")
+      if n > length:
+        return _Row(info=ex.info, reason=TOO_LONG, detail=f"too_long ({n} samples > bucket {length})")
+    if self._augment is not None:
+      audio = self._augmented(audio, epoch, index, length)
+      n = int(audio.shape[0])
+    if args.mode == "crop":
       off = batching.crop_offset(args.seed, epoch, index, n, length)
-      return _Row(ex.audio[off:off + length], length, ex.label, ex.info)
-    if n < args.min_sample_size:
-      return _Row(info=ex.info, reason=TOO_SHORT, detail=f"too_short ({n} samples < {args.min_sample_size})")
-    if n > length:
-      return _Row(info=ex.info, reason=TOO_LONG, detail=f"too_long ({n} samples > bucket {length})")
-    return _Row(ex.audio, n, ex.label, ex.info)
+      return _Row(audio[off:off + length], length, ex.label, ex.info)
+    return _Row(audio, n, ex.label, ex.info)
+
+  def _augmented(self, audio: np.ndarray, epoch: int, index: int, length: int) -> np.ndarray:
+    """The utterance through `augment` (drawn per epoch and utterance); the speed change is kept only
+    when the result still fits the row (crop: at least `length` samples; pad: at most `length`)."""
+    cfg, args = self._augment, self._args
+    rng = augment_lib.utterance_rng(args.seed, epoch, index)
+    factor = augment_lib.speed_factor(cfg, rng)
+    if factor != 1.0:
+      faster = augment_lib.change_speed(audio, factor)
+      m = int(faster.shape[0])
+      fits = m >= max(length, args.min_sample_size) if args.mode == "crop" else args.min_sample_size <= m <= length
+      if fits:
+        audio = faster
+    audio = augment_lib.augment(audio, cfg, rng, self._sample_rate)
+    return audio_lib.normalize_waveform(audio) if self._normalize else audio
 
   def _count(self, row: _Row, stats: dict[str, int], index: int) -> None:
     """Count one of this host's rows; warn once per utterance and reason."""
@@ -261,13 +285,15 @@ def make_iterator(source: Source | Manifest | str, *, buckets: Sequence[int], ba
                   mode: str = "crop", seed: int = 0, drop_remainder: bool = True,
                   process_index: int = 0, process_count: int = 1, sample_rate: int = 16000,
                   normalize: bool = False, num_threads: int = 8, prefetch: int = 16,
-                  epochs: int | None = None, start_epoch: int = 0) -> BatchIterator:
+                  epochs: int | None = None, start_epoch: int = 0,
+                  augment: augment_lib.AugmentConfig | None = None) -> BatchIterator:
   """This host's batches over `epochs` epochs (None = forever), a new plan per epoch.
 
   source: a Source (e.g. ManifestSource(m, label="ltr"), TfdsSource), a Manifest or a .tsv path.
   Plan arguments: see batching.make_plan (`multiple_of` = total device count, a multiple of
   `process_count`). num_threads decode entries in parallel, up to `prefetch` entries ahead
-  (num_threads=0: synchronous). Results do not depend on num_threads / prefetch.
+  (num_threads=0: synchronous). Results do not depend on num_threads / prefetch. augment: waveform
+  augmentation (`data/augment.py`), drawn per epoch and utterance, before normalisation.
   """
   source = as_source(source)
   if multiple_of % process_count:
@@ -278,7 +304,9 @@ def make_iterator(source: Source | Manifest | str, *, buckets: Sequence[int], ba
   entries = _EpochEntries(source.sizes, args, epochs, start_epoch)
   log.info("data: %d utterances, %d plan entries per epoch, dropped per epoch %s, host %d of %d",
            len(source), entries.entries_per_epoch, entries.dropped, process_index, process_count)
-  loader = _LoadEntry(source, args, process_index, process_count, sample_rate, normalize)
+  if augment is not None and augment.enabled:
+    log.info("data: augmentation %s", augment_lib.describe(augment))
+  loader = _LoadEntry(source, args, process_index, process_count, sample_rate, normalize, augment)
   dataset = grain.MapDataset.source(entries).map(loader)
   read_options = grain.ReadOptions(num_threads=max(num_threads, 1),
                                    prefetch_buffer_size=prefetch if num_threads else 0)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from w2v2_jax import models
+from w2v2_jax.data import augment as augment_lib
 from w2v2_jax.data import pipeline
 from w2v2_jax.data.source import as_source
 from w2v2_jax.models.config import ModelConfig
@@ -53,13 +54,17 @@ def pretrain_step_fn(config: Any, model_cfg: ModelConfig):
 
 
 def finetune_step_fn(config: Any, model_cfg: ModelConfig, blank_id: int = 0):
-  """(module, optimizer, per-device step) of CTC fine-tuning for `config` (see `pretrain_step_fn`)."""
+  """(module, optimizer, per-device step) of CTC fine-tuning for `config` (see `pretrain_step_fn`).
+  With train.freeze_updates >= train.steps the backbone never trains: a linear probe of its features,
+  whose step computes no backbone backward pass."""
   module = models.build(model_cfg)
   total = int(config.train.steps)
   tx = optimizer.make(config.optim, total)
+  freeze = int(config.train.freeze_updates)
   step_fn = functools.partial(train_step.finetune_step, module=module, tx=tx,
                               lr_schedule=schedules.learning_rate(config.optim, total),
-                              freeze_updates=int(config.train.freeze_updates), blank_id=blank_id)
+                              freeze_updates=freeze, blank_id=blank_id,
+                              freeze_mode="always" if freeze >= total else "auto")
   return module, tx, step_fn
 
 
@@ -94,7 +99,7 @@ def _make_iterator(config: Any, source, geometry: Dict[str, int], mode: str):
       multiple_of=jax.device_count(), accumulate=geometry["accumulate"], mode=mode, seed=data.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       sample_rate=data.sample_rate, normalize=data.normalize, num_threads=data.num_threads,
-      prefetch=data.prefetch)
+      prefetch=data.prefetch, augment=augment_lib.AugmentConfig.from_any(data.get("augment")))
 
 
 def _config_json(config: Any) -> str:

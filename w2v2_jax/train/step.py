@@ -163,11 +163,13 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
   updates either way. "auto": "mask" when compiling for CPU, where XLA runs convolutions inside a
   conditional's branch about 20x slower than at top level (an unfrozen conv encoder,
   feature_grad_mult > 0, then takes seconds per step), "cond" for TPU and GPU (`backend.target()`).
+  "always": the backbone never trains (a linear probe of its features: only the backward pass of the
+  output layer is computed); `finetune_step_fn` picks it when freeze_updates covers every update.
   """
   if freeze_mode == "auto":
     freeze_mode = "mask" if backend.target() == "cpu" else "cond"
-  if freeze_mode not in ("cond", "mask"):
-    raise ValueError(f"freeze_mode must be 'auto', 'cond' or 'mask', got {freeze_mode!r}")
+  if freeze_mode not in ("cond", "mask", "always"):
+    raise ValueError(f"freeze_mode must be 'auto', 'cond', 'mask' or 'always', got {freeze_mode!r}")
   num_micro = batch["audio"].shape[0]
   step_key = jax.random.fold_in(state["rng"], state["step"])
   device_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
@@ -181,7 +183,9 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
                                 utterances=utterances, blank_id=blank_id, frozen=frozen)
     return lambda params: accumulate(loss_fn, params, micro_batches)
 
-  if freeze_updates > 0 and freeze_mode == "cond":
+  if freeze_mode == "always":
+    grads, aux = grads_for(True)(state["params"])
+  elif freeze_updates > 0 and freeze_mode == "cond":
     grads, aux = jax.lax.cond(updates_done < freeze_updates, grads_for(True), grads_for(False), state["params"])
   else:
     grads, aux = grads_for(False)(state["params"])
@@ -196,7 +200,7 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
       "loss": sums["loss_sum"] / utterances,
       "infinite_losses": sums["infinite"],
       "utterances": utterances,
-      "frozen": (updates_done < freeze_updates).astype(jnp.float32),
+      "frozen": ((updates_done < freeze_updates) | (freeze_mode == "always")).astype(jnp.float32),
       "lr": jnp.asarray(lr_schedule(updates_done), jnp.float32),
       "audio_samples": jax.lax.psum(jnp.sum(~batch["padding_mask"]).astype(jnp.float32), axis_name),
       **update_stats,
