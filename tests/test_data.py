@@ -71,7 +71,29 @@ def test_load_audio_librosa_fallback(tmp_path, monkeypatch):
     raise sf.LibsndfileError(0, "pretend libsndfile cannot read this format")
 
   monkeypatch.setattr(audio.sf, "read", refuse)
+  monkeypatch.setattr(audio.sf, "info", refuse)      # a format libsndfile does not know at all
   np.testing.assert_allclose(audio.load_audio(path), sine(440, 0.2, 16000), atol=1e-4)
+
+
+def test_damaged_file_of_a_known_format_is_not_half_decoded_by_the_fallback(tmp_path, monkeypatch):
+  """A truncated FLAC: libsndfile parses its header but fails on the frames. The fallback decoder
+  (librosa -> audioread -> ffmpeg where installed) would return the frames before the cut without an
+  error; the file must be reported, never trained on as a shorter utterance."""
+  import librosa
+  path = str(tmp_path / "cut.flac")
+  sf.write(path, np.random.default_rng(0).uniform(-.5, .5, 16000), 16000)
+  truncate(path)
+  calls = []
+
+  def partial(*args, **kwargs):         # what ffmpeg gives for this file
+    calls.append(args)
+    return np.zeros(4096, np.float32), 16000
+
+  monkeypatch.setattr(librosa, "load", partial)
+  with pytest.raises(AudioError) as err:
+    audio.load_audio(path)
+  assert err.value.reason == "undecodable" and "FLAC header declares 16000 frames" in str(err.value)
+  assert path in str(err.value) and not calls
 
 
 def write_bad_files(d):

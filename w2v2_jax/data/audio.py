@@ -130,12 +130,27 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, normalize: boo
 
 
 def _decode(source: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
-  """soundfile, then librosa for what libsndfile cannot read -> ((frames, channels) float32, rate Hz)."""
+  """soundfile, then librosa for formats libsndfile does not know -> ((frames, channels) float32, rate Hz).
+
+  A file in a format libsndfile knows (its header parses) but whose frames fail to decode is damaged:
+  AudioError(UNDECODABLE), never a fallback decode of part of it."""
   try:
     data, rate = sf.read(source, dtype="float32", always_2d=True)
     return data, int(rate)
   except (sf.LibsndfileError, RuntimeError, TypeError) as sf_error:
     first = sf_error
+  if hasattr(source, "seek"):
+    source.seek(0)
+  try:
+    known = sf.info(source)
+  except (sf.LibsndfileError, RuntimeError, TypeError):
+    known = None
+  if known is not None:
+    # libsndfile parsed the header (it knows the format and the frame count) but not the frames: a
+    # damaged file. Another decoder (librosa -> audioread -> ffmpeg, where installed) would return the
+    # frames before the damage without an error, and a cut utterance would pass for a whole one.
+    raise AudioError(name, UNDECODABLE, f"{known.format} header declares {known.frames} frames, which "
+                     f"libsndfile cannot decode: {first}")
   if hasattr(source, "seek"):
     source.seek(0)
   try:
