@@ -43,12 +43,15 @@ test: $(STAMP) corpus-deps
 bench: $(STAMP)
 	$(PY) benchmarks/pretrain_step.py
 
-# make demo [SCALE=0.3] [HOURS=1] [SEED=0]: SCALE multiplies the training updates (1: about 36 min on 2 cores).
+# make demo [SCALE=0.3] [HOURS=1] [SEED=0] [COMPARE=1]: SCALE multiplies the training updates (1: about
+# 36 min on 2 cores); COMPARE=1 adds the baselines (random initialisation, 10 labeled minutes, probes).
 SCALE ?= 1
 HOURS ?= 1
 SEED ?= 0
+COMPARE ?=
 demo: $(STAMP) corpus-deps
-	$(VENV)/bin/w2v2 demo --out runs/demo --corpus data/tts_corpus --hours $(HOURS) --scale $(SCALE) --seed $(SEED)
+	$(VENV)/bin/w2v2 demo --out runs/demo --corpus data/tts_corpus --hours $(HOURS) --scale $(SCALE) --seed $(SEED) \
+	  $(if $(COMPARE),--compare)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -33,6 +33,10 @@ small_10m: the small pretraining model fine-tuned on the 10 labeled minutes of
   0.69 / 0.66 / 0.63; without masks (3000 updates) the model memorises its 10 minutes (CTC loss 2.7 per
   utterance by update 2500) and valid CER rises from 0.60 at update 1000 to 0.62.
 tiny: the tiny pretraining model fine-tuned on a few minutes of labeled audio on 2 CPU cores.
+
+A linear CTC probe of a model's features (only the output layer trains; no backbone backward pass):
+--config.train.freeze_updates=<train.steps> --config.model.mask_prob=0 --config.model.mask_channel_prob=0.
+Waveform augmentation: --config.data.augment.noise_prob=0.5 etc. (w2v2_jax/data/augment.py).
 """
 import ml_collections
 

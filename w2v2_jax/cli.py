@@ -193,8 +193,8 @@ def _demo(argv: List[str]) -> None:
   parser = argparse.ArgumentParser(
       prog="w2v2 demo",
       description="The whole system on 2 CPU cores: synthesise a corpus (cached), pretrain the small model, "
-                  "fine-tune it with CTC on the labeled hour and, as the baseline, from random initialisation "
-                  "(and both on 10 labeled minutes; linear probes of frozen features), evaluate on unseen "
+                  "fine-tune it with CTC on the labeled hour (with --compare also from random initialisation, "
+                  "both on 10 labeled minutes, and linear probes of frozen features), evaluate on unseen "
                   "voices, transcribe a file, plot the curves and write a report. A killed demo resumes where "
                   "it stopped.")
   parser.add_argument("--out", default="runs/demo", help="run folder (checkpoints, plots, report)")
@@ -208,9 +208,10 @@ def _demo(argv: List[str]) -> None:
                       help="minutes of labeled audio to fine-tune on (the corpus split train_<M>m; default 60)")
   parser.add_argument("--finetune-config", default="small_1h",
                       help="configs/finetune.py entry (default small_1h; small_10m for --labeled-minutes 10)")
-  parser.add_argument("--no-compare", dest="compare", action="store_false",
-                      help="skip the baselines: fine-tuning from random initialisation, the low-resource pair "
-                           "and the linear probes")
+  parser.add_argument("--compare", action="store_true",
+                      help="add the baselines: the same fine-tuning from random initialisation, the pair again "
+                           "on --low-minutes of labels, and linear CTC probes of the pretrained and a random "
+                           "model's frozen features (5 more fine-tuning runs)")
   parser.add_argument("--low-minutes", type=float, default=10.0,
                       help="labeled minutes of the low-resource comparison (split train_<M>m; default 10)")
   parser.add_argument("--low-config", default="small_10m", help="configs/finetune.py entry for it")
