@@ -204,3 +204,19 @@ def test_finetune_figure_marks_the_exported_model(tmp_path, monkeypatch, metric)
   plots.finetune_figure(str(tmp_path), str(tmp_path / "f.png"))
   labels = [t.get_text() for t in figures[0].axes[1].get_legend().get_texts()]
   assert ("best CER 85.0% (step 800)" if metric else "best WER 70.0% (step 600)") in labels
+
+
+def test_comparison_figure_draws_every_run_and_names_a_missing_one(tmp_path):
+  runs = {}
+  for name in ("pretrained", "scratch"):
+    os.makedirs(tmp_path / name)
+    finetune_run(str(tmp_path / name))
+    runs[name] = str(tmp_path / name)
+  out = str(tmp_path / "compare.png")
+  assert plots.comparison_figure(runs, out, size_px=(640, 400)) == out
+  assert_png(out, 640, 400)
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match="valid.jsonl: no validation log for 'probe'"):
+    plots.comparison_figure(dict(runs, probe=str(tmp_path / "empty")), out)
+  with pytest.raises(ValueError, match="metric must be"):
+    plots.comparison_figure(runs, out, metric="loss")

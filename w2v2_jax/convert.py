@@ -353,8 +353,8 @@ def _zeros(shape):
 
 
 # ====================================================================================== Hugging Face
-_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                    "pytorch_model.bin.index.json")
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")   # what makes a directory a Hugging Face model
 
 
 def from_hf(path) -> Tuple[ModelConfig, Params]:
@@ -515,9 +515,9 @@ def _detect_hf_task(state: Mapping[str, Any]) -> Tuple[str, str]:
 
 
 def _read_hf_weights(directory: str) -> Dict[str, Any]:
-  found = [name for name in _HF_WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
+  found = [name for name in HF_WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
   if not found:
-    raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(_HF_WEIGHT_FILES)}")
+    raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(HF_WEIGHT_FILES)}")
   name = found[0]
   path = os.path.join(directory, name)
   if name.endswith(".index.json"):

@@ -55,8 +55,6 @@ DEFAULT_BUCKET_SAMPLES = SAMPLE_RATE
 FRAME_BUCKET = 512                 # decoding pads frame counts to a multiple of this (few greedy compiles)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 FAIRSEQ_DICT = "dict.ltr.txt"
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                   "pytorch_model.bin.index.json")
 EXPORT_DIRS = ("export", os.path.join("best", "export"))   # where a fine-tuning run keeps its HF export
 
 
@@ -100,7 +98,7 @@ def plan_batches(lengths: Sequence[int], max_samples: int, bucket_samples: int) 
 
 def _is_hf_dir(directory: str) -> bool:
   return (os.path.isfile(os.path.join(directory, "config.json"))
-          and any(os.path.isfile(os.path.join(directory, name)) for name in HF_WEIGHT_FILES))
+          and any(os.path.isfile(os.path.join(directory, name)) for name in convert.HF_WEIGHT_FILES))
 
 
 def _read_do_normalize(directory: str) -> bool | None:
@@ -174,7 +172,7 @@ class Recognizer:
         if _is_hf_dir(candidate):
           return cls._load_hf(candidate, **kwargs)
       raise FileNotFoundError(
-          f"{path}: not a model directory: no config.json with weights ({', '.join(HF_WEIGHT_FILES)}) in "
+          f"{path}: not a model directory: no config.json with weights ({', '.join(convert.HF_WEIGHT_FILES)}) in "
           f"it, nor in {' or '.join(os.path.join(path, d) for d in EXPORT_DIRS)} (a fine-tuning run writes "
           "export/ when it saves its best checkpoint)")
     if os.path.isfile(path):
