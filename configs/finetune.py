@@ -11,7 +11,7 @@ architecture comes from it, the regularisation below from the config. Labels are
 HF vocab.json; default: the LibriSpeech letters). The best model by validation WER is exported as a
 Hugging Face directory to DIR/export (usable by `w2v2 evaluate` / `w2v2 transcribe` and transformers).
 
-Names: {base,large}_{10m,1h,10h,100h,960h} with the values of ../shared/RECIPE.md (fairseq's
+Names: {base,large}_{10m,1h,10h,100h,960h} with the values of docs/recipe.md (fairseq's
 examples/wav2vec/config/finetuning; "large" = the LV-60k model). Batch: 1600 s of audio per update
 (fairseq's 8 x 3.2M samples for BASE). Expected outcome (paper, Table 1, no LM, test-clean/other):
 BASE 960 h 3.4 / 8.5; with the Transformer LM LARGE LV-60k reaches 4.8/8.2 (10 min) .. 1.8/3.3 (960 h).

@@ -1,4 +1,4 @@
-"""Every shipped config loads, validates, and carries the recipe's values (../shared/RECIPE.md)."""
+"""Every shipped config loads, validates, and carries the recipe's values (docs/recipe.md)."""
 import importlib.util
 import os
 
@@ -64,3 +64,17 @@ def test_unknown_config_names_are_rejected():
     load("finetune").get_config("base_2h")
   with pytest.raises(ValueError, match="huge"):
     load("pretrain").get_config("huge")
+
+
+def test_no_file_cites_documents_outside_the_repository():
+  """Docstrings, configs, notebooks and docs point to docs/ in this repository, never to the
+  workplace's ../shared notes, which a user of the package does not have."""
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parent.parent
+  files = [p for pattern in ("w2v2_jax/**/*.py", "configs/*.py", "notebooks/*.ipynb", "docs/*.md", "*.md", "Makefile")
+           for p in root.glob(pattern)]
+  assert len(files) > 30
+  offenders = [f"{p.relative_to(root)}: {needle}" for p in files for needle in ("../shared", "RECIPE.md", "DESIGN.md")
+               if needle in p.read_text(encoding="utf-8")]
+  assert not offenders, offenders
+  assert (root / "docs" / "recipe.md").is_file()

@@ -4,7 +4,7 @@ Pure JAX, jittable, static shapes. All loss math runs in float32 whatever the
 input dtype. The pretraining functions return *sums* over the local batch
 together with their normaliser (``sample_size``): a data-parallel caller
 ``psum``s every entry over devices and divides by the global ``sample_size``,
-as fairseq does (see RECIPE.md, "Negatives and loss").
+as fairseq does (docs/recipe.md, "Pretraining objective").
 
 Shapes: B batch, T frames, F final_dim, G codebook groups, K negatives,
 C feature channels, V vocabulary, N label tokens.

@@ -1,4 +1,4 @@
-"""Model architecture presets with the recipe's values (see ../shared/RECIPE.md).
+"""Model architecture presets with the recipe's values (docs/recipe.md).
 
   base        BASE, LS-960 pretraining: 95M params, post-LN, group-norm conv encoder.
   large       LARGE, LS-960: 317M params, post-LN, group-norm conv encoder.

@@ -1,6 +1,6 @@
 """wav2vec 2.0 models: the shared backbone, the pretraining model and the CTC model.
 
-All three share the call contract of DESIGN.md: `__call__(audio, padding_mask=None, *, deterministic=True,
+All three share one call contract: `__call__(audio, padding_mask=None, *, deterministic=True,
 output_hidden_states=False, ...)` with audio (B, L) float32 and padding_mask (B, L) bool (True = padding,
 the inverse of Hugging Face's attention_mask), returning a dict with `features` (B, T, C) conv output,
 `hidden_states` (tuple, HF order, empty unless asked), `last_hidden_state` (B, T, D) and per model more.
