@@ -76,6 +76,25 @@ def test_bandlimit_attenuates_outside_the_band():
   assert gain(60) < -25 and gain(6000) < -25
 
 
+def test_bandlimit_without_a_highpass_corner_is_a_lowpass():
+  cfg = augment.AugmentConfig.from_any({"bandlimit_prob": 1.0, "highpass": (0.0, 0.0), "lowpass": (3000.0, 3000.0)})
+  gain = lambda f: power_db(augment.augment(sine(f), cfg, np.random.default_rng(0), RATE)[RATE // 2:]) - power_db(  # noqa: E731
+      sine(f)[RATE // 2:])
+  assert abs(gain(60)) < 1.0 and abs(gain(1000)) < 1.0 and gain(6000) < -25
+
+
+@pytest.mark.parametrize("colour", ["pink", "brown"])
+def test_coloured_noise_power_is_in_the_audible_band(colour):
+  """The drawn SNR is the one heard: nothing below 20 Hz, most power above 50 Hz, whatever the length."""
+  for seconds in (1, 10):
+    n = seconds * RATE
+    noise = augment.coloured_noise(np.random.default_rng(0), n, colour, RATE)
+    power = np.abs(np.fft.rfft(noise)) ** 2
+    freqs = np.fft.rfftfreq(n, 1 / RATE)
+    assert power[freqs < 20].sum() == pytest.approx(0.0, abs=1e-9 * power.sum())
+    assert power[freqs >= 50].sum() > 0.6 * power.sum()
+
+
 def test_speed_changes_length_and_pitch():
   x = sine(440, 2.0)
   y = augment.change_speed(x, 1.1)
@@ -100,6 +119,12 @@ def test_config_errors_name_the_field():
     augment.AugmentConfig.from_any({"noise_prob": 1.5})
   with pytest.raises(ValueError, match="data.augment.snr must be a"):
     augment.AugmentConfig.from_any({"snr": (30.0, 5.0)})
+  with pytest.raises(ValueError, match="data.augment.snr must be a"):
+    augment.AugmentConfig.from_any({"snr": 10})
+  with pytest.raises(ValueError, match="data.augment.speed must be positive"):
+    augment.AugmentConfig.from_any({"speed": (0.0, 1.1)})
+  with pytest.raises(ValueError, match="data.augment.rt60 must be positive"):
+    augment.AugmentConfig.from_any({"rt60": (0.0, 0.3)})
   cfg = augment.AugmentConfig.from_any(augment.config_dict(noise_prob=0.5))
   assert cfg.noise_prob == 0.5 and cfg.snr == (5.0, 30.0) and augment.AugmentConfig.from_any(None) == only()
 

@@ -194,10 +194,10 @@ def _finetune_arm(configs: str, config_name: str, split: str, init: str, workdir
   """Runs (or resumes) one CTC fine-tuning of the demo: configs/finetune.py:`config_name` on the corpus
   split `split`, from `init` (a pretraining run; "" = random initialisation), validated on valid.
 
-  From random initialisation there is no freeze (a random transformer gains nothing from it, so the
-  baseline only benefits). probe: only the output layer trains, on frozen features (no masks, no conv
-  encoder training, lr PROBE_LR), for the same number of updates: a linear CTC probe of what the
-  backbone's last layer encodes.
+  From random initialisation there is no freeze and the conv encoder trains (feature_grad_mult 1 where
+  the recipe freezes it): frozen random weights gain nothing, so these departures only help the
+  baseline. probe: only the output layer trains, on frozen features (no masks, no dropout, lr PROBE_LR),
+  for the same number of updates: a linear CTC probe of what the backbone's last layer encodes.
   Returns {"config", "dir", "summary"}; the model of the lowest valid CER is exported to workdir/export.
   """
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
@@ -207,9 +207,12 @@ def _finetune_arm(configs: str, config_name: str, split: str, init: str, workdir
   cfg.data.valid_manifest = manifest("valid")
   cfg.train.steps = _scaled(cfg.train.steps, scale)
   cfg.train.freeze_updates = min(cfg.train.freeze_updates, cfg.train.steps // 2) if init else 0
+  if not init:
+    cfg.model.feature_grad_mult = 1.0      # a random conv encoder must train: no frozen random features
   if probe:
     cfg.train.freeze_updates = cfg.train.steps
     cfg.model.mask_prob = cfg.model.mask_channel_prob = cfg.model.feature_grad_mult = 0.0
+    cfg.model.activation_dropout = 0.0     # the probe reads the features as they are
     cfg.optim.lr = PROBE_LR
   cfg.train.eval_every = max(1, min(cfg.train.eval_every, cfg.train.steps // 4))
   cfg.train.seed = cfg.data.seed = seed

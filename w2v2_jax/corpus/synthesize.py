@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import numbers
 import os
 import subprocess
 import tempfile
@@ -233,7 +234,8 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
 
   kept = [u for u in utts if u.id in sizes]
   by_split = {s: [u for u in kept if u.split == s] for s in voices_lib.SPLITS}
-  amounts = [labeled_minutes] if isinstance(labeled_minutes, (int, float)) else list(labeled_minutes)
+  amounts = ([float(labeled_minutes)] if isinstance(labeled_minutes, numbers.Real)
+             else [float(m) for m in labeled_minutes])
   labeled_splits = []
   for minutes in amounts:
     labeled, seconds = [], 0.0

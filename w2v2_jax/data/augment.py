@@ -7,10 +7,10 @@ Each transform is applied to an utterance with its own probability, in this orde
   reverb     convolution with a synthetic room impulse response: a direct path, then exponentially
              decaying Gaussian noise whose RT60 (time to fall 60 dB) is drawn from `rt60` seconds,
              mixed at a direct-to-reverberant ratio from `drr` dB;
-  bandlimit  a 4th-order Butterworth band-pass: high-pass corner from `highpass`, low-pass corner from
-             `lowpass` Hz (3.4 kHz is a telephone channel);
-  noise      additive coloured noise (white, pink or brown, equally likely) at an SNR from `snr` dB,
-             measured against the utterance's mean power;
+  bandlimit  a 4th-order Butterworth band-pass: high-pass corner from `highpass` (0: none), low-pass
+             corner from `lowpass` Hz (3.4 kHz is a telephone channel);
+  noise      additive coloured noise (white, pink or brown, equally likely; pink and brown have no
+             energy below 20 Hz) at an SNR from `snr` dB, against the utterance's mean power;
   gain       a gain from `gain_db` dB (irrelevant with data.normalize, which undoes it).
 
 Ranges are (low, high), drawn uniformly. Every draw comes from a generator seeded by (data.seed,
@@ -26,6 +26,9 @@ import numpy as np
 
 Range = Tuple[float, float]
 NOISE_COLOURS = ("white", "pink", "brown")
+POSITIVE = ("speed", "rt60")                   # ranges whose values must be > 0
+NOISE_LOW_HZ = 20.0                            # coloured noise has no energy below this ...
+NOISE_FLAT_HZ = 50.0                           # ... and a flat spectrum from there to this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +65,18 @@ class AugmentConfig:
     if unknown:
       raise ValueError(f"data.augment: unknown field(s) {unknown}; known: {sorted(names)}")
     for name, value in values.items():
-      if name.endswith("_prob") and not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"data.augment.{name} must be in [0, 1], got {value}")
-      if isinstance(value, (tuple, list)):
-        if len(value) != 2 or float(value[0]) > float(value[1]):
-          raise ValueError(f"data.augment.{name} must be a (low, high) pair with low <= high, got {value}")
-        values[name] = (float(value[0]), float(value[1]))
+      if name.endswith("_prob"):
+        if not 0.0 <= float(value) <= 1.0:
+          raise ValueError(f"data.augment.{name} must be in [0, 1], got {value}")
+        continue
+      if not isinstance(value, (tuple, list)) or len(value) != 2 or float(value[0]) > float(value[1]):
+        raise ValueError(f"data.augment.{name} must be a (low, high) pair with low <= high, got {value!r}")
+      low, high = float(value[0]), float(value[1])
+      if name in POSITIVE and low <= 0:
+        raise ValueError(f"data.augment.{name} must be positive, got {value!r}")
+      if name in ("highpass", "lowpass") and low < 0:
+        raise ValueError(f"data.augment.{name} must be >= 0 Hz, got {value!r}")
+      values[name] = (low, high)
     return cls(**values)
 
 
@@ -102,13 +111,17 @@ def room_impulse_response(rng: np.random.Generator, sample_rate: int, rt60: floa
   return tail
 
 
-def coloured_noise(rng: np.random.Generator, n: int, colour: str) -> np.ndarray:
-  """Unit-power noise (n,) with a 1/f^0 (white), 1/f (pink) or 1/f^2 (brown) power spectrum."""
+def coloured_noise(rng: np.random.Generator, n: int, colour: str, sample_rate: int = 16000) -> np.ndarray:
+  """Unit-power noise (n,) with a 1/f^0 (white), 1/f (pink) or 1/f^2 (brown) power spectrum above
+  NOISE_FLAT_HZ, flat from NOISE_LOW_HZ to there and empty below (for pink and brown: otherwise almost
+  all their power would sit below the speech band, and the SNR would not be the one heard)."""
   exponent = {"white": 0.0, "pink": 1.0, "brown": 2.0}[colour]
   spectrum = np.fft.rfft(rng.standard_normal(n))
-  freqs = np.fft.rfftfreq(n)
-  freqs[0] = freqs[1] if n > 1 else 1.0
-  noise = np.fft.irfft(spectrum / freqs ** (exponent / 2.0), n)
+  if exponent:
+    freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
+    spectrum = spectrum / np.maximum(freqs, NOISE_FLAT_HZ) ** (exponent / 2.0)
+    spectrum[freqs < NOISE_LOW_HZ] = 0.0
+  noise = np.fft.irfft(spectrum, n)
   return noise / max(float(np.sqrt(np.mean(noise ** 2))), 1e-12)
 
 
@@ -127,14 +140,16 @@ def augment(audio: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, sam
     nyquist = sample_rate / 2.0
     low = min(_uniform(rng, cfg.highpass), 0.45 * nyquist)
     high = min(_uniform(rng, cfg.lowpass), 0.95 * nyquist)
-    if high > 1.5 * low:
+    if low <= 0:        # no high-pass corner: low-pass only
+      x = signal.sosfilt(signal.butter(4, high, btype="lowpass", fs=sample_rate, output="sos"), x)
+    elif high > 1.5 * low:
       sos = signal.butter(4, [low, high], btype="bandpass", fs=sample_rate, output="sos")
       x = signal.sosfilt(sos, x)
   if rng.random() < cfg.noise_prob:
     power = float(np.mean(x ** 2))
     snr = _uniform(rng, cfg.snr)
     colour = NOISE_COLOURS[int(rng.integers(len(NOISE_COLOURS)))]
-    x = x + coloured_noise(rng, n, colour) * np.sqrt(power / 10.0 ** (snr / 10.0))
+    x = x + coloured_noise(rng, n, colour, sample_rate) * np.sqrt(power / 10.0 ** (snr / 10.0))
   if rng.random() < cfg.gain_prob:
     x = x * 10.0 ** (_uniform(rng, cfg.gain_db) / 20.0)
   return x.astype(np.float32)
