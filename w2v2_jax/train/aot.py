@@ -242,7 +242,7 @@ def format_report(r: Dict[str, Any], top_ops: int = 0) -> str:
       f"{gib(r['total_bytes'])} of {r['hbm_gib']:g} GiB ({100 * r['total_bytes'] / (r['hbm_gib'] * GIB):.1f}%, "
       f"headroom {100 * r['headroom']:.1f}%)",
       f"FLOPs           {r['flops_per_chip']:.3e} per chip per update ({r['matmul_conv_flops_per_chip']:.3e} in matmuls "
-      f"and convolutions), {r['flops_per_update']:.3e} for the slice; XLA's count of one micro-batch "
+      f"and convolutions), {r['flops_per_update']:.3e} for the slice; XLA's count, each loop body once, "
       f"{r['xla_flops_per_chip']:.3e}",
       f"ideal update    {r['ideal_update_seconds']:.3f} s at peak; {r['steps']} updates = "
       f"{r['ideal_update_seconds'] * r['steps'] / 3600:.2f} h at 100% MFU",
