@@ -34,6 +34,10 @@ small_10m: the small pretraining model fine-tuned on the 10 labeled minutes of
   utterance by update 2500) and valid CER rises from 0.60 at update 1000 to 0.62.
 tiny: the tiny pretraining model fine-tuned on a few minutes of labeled audio on 2 CPU cores.
 
+Check a slice first: `w2v2 compile-check --config=configs/finetune.py:large_960h --topology=v4-32
+--config.model.dtype=bfloat16 --config.model.scan_layers=True` (measured: 10.2 GiB of a v4 chip's 32;
+with unrolled layers the compiler needed more than 24 GiB of host memory). base_10m on v5e-8: 7.2 GiB of 16.
+
 A linear CTC probe of a model's features (only the output layer trains; no backbone backward pass):
 --config.train.freeze_updates=<train.steps> --config.model.mask_prob=0 --config.model.mask_channel_prob=0.
 Waveform augmentation: --config.data.augment.noise_prob=0.5 etc. (w2v2_jax/data/augment.py).
