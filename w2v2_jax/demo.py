@@ -120,24 +120,30 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   main = _finetune_arm(configs, finetune_config, labeled, pre_dir, os.path.join(out_dir, "finetune"), manifest,
                        scale=scale, seed=seed, say=say,
                        title=f"3/5 fine-tuning (CTC) from the pretrained model on {labeled}")
-  ft_cfg, ft_dir = main["config"], main["dir"]
+  ft_dir = main["dir"]
   report["finetune"] = main["summary"]
   times["finetune"] = time.monotonic() - start
-  arms = {}
+  arms, curves = {}, {f"pretrained, {labeled}": ft_dir}     # curves: legend label -> run dir (compare.png)
   if compare:
     low = f"train_{low_minutes:g}m"
     report["low_split"], report["low_config"] = low, low_config
-    plan = [("scratch", finetune_config, labeled, "", "finetune_scratch", "from random initialisation")]
+    plan = [("scratch", finetune_config, labeled, "", "finetune_scratch", "from random initialisation",
+             f"scratch, {labeled}")]
     if low != labeled:
-      plan += [("pretrained_low", low_config, low, pre_dir, "finetune_low", "from the pretrained model"),
-               ("scratch_low", low_config, low, "", "finetune_low_scratch", "from random initialisation")]
-    plan += [("probe", finetune_config, labeled, pre_dir, "probe", "probe of the pretrained features"),
-             ("probe_random", finetune_config, labeled, "", "probe_random", "probe of random features")]
-    for name, cfg_name, split, init, folder, what in plan:
+      plan += [("pretrained_low", low_config, low, pre_dir, "finetune_low", "from the pretrained model",
+                f"pretrained, {low}"),
+               ("scratch_low", low_config, low, "", "finetune_low_scratch", "from random initialisation",
+                f"scratch, {low}")]
+    plan += [("probe", finetune_config, labeled, pre_dir, "probe", "probe of the pretrained features",
+              f"probe, pretrained features, {labeled}"),
+             ("probe_random", finetune_config, labeled, "", "probe_random", "probe of random features",
+              f"probe, random features, {labeled}")]
+    for name, cfg_name, split, init, folder, what, label in plan:
       start = time.monotonic()
       arms[name] = _finetune_arm(configs, cfg_name, split, init, os.path.join(out_dir, folder), manifest,
                                  scale=scale, seed=seed, say=say, probe=name.startswith("probe"),
                                  title=f"3/5 fine-tuning (CTC) {what} on {split}")
+      curves[label] = arms[name]["dir"]
       times[folder] = time.monotonic() - start
   start = _stage("4/5 evaluating on the test split (unseen voices and sentences)", say)
   recognizer = inference.Recognizer.load(os.path.join(ft_dir, "export"))
@@ -165,12 +171,6 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
                                         num_negatives=pre_cfg.model.num_negatives),
       "finetune": plots.finetune_figure(ft_dir, os.path.join(out_dir, "finetune.png"))}
   if arms:
-    curves = {f"pretrained, {labeled}": ft_dir, f"scratch, {labeled}": arms["scratch"]["dir"]}
-    if "pretrained_low" in arms:
-      curves.update({f"pretrained, {report['low_split']}": arms["pretrained_low"]["dir"],
-                     f"scratch, {report['low_split']}": arms["scratch_low"]["dir"]})
-    curves.update({f"probe, pretrained features, {labeled}": arms["probe"]["dir"],
-                   f"probe, random features, {labeled}": arms["probe_random"]["dir"]})
     report["plots"]["compare"] = plots.comparison_figure(curves, os.path.join(out_dir, "compare.png"))
   times["report"] = time.monotonic() - start
   report["minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
@@ -198,7 +198,7 @@ def _finetune_arm(configs: str, config_name: str, split: str, init: str, workdir
   the recipe freezes it): frozen random weights gain nothing, so these departures only help the
   baseline. probe: only the output layer trains, on frozen features (no masks, no dropout, lr PROBE_LR),
   for the same number of updates: a linear CTC probe of what the backbone's last layer encodes.
-  Returns {"config", "dir", "summary"}; the model of the lowest valid CER is exported to workdir/export.
+  Returns {"dir", "summary"}; the model of the lowest valid CER is exported to workdir/export.
   """
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
   cfg = load_config(os.path.join(configs, "finetune.py"), config_name)
@@ -226,7 +226,7 @@ def _finetune_arm(configs: str, config_name: str, split: str, init: str, workdir
              "probe": probe, "updates": int(cfg.train.steps), "best_step": best["step"],
              "valid_wer": round(best["wer"], 4), "valid_cer": round(best["cer"], 4),
              "valid_cer_curve": {int(r["step"]): round(float(r["valid/cer"]), 4) for r in valid}}
-  return {"config": cfg, "dir": workdir, "summary": summary}
+  return {"dir": workdir, "summary": summary}
 
 
 def _comparison_lines(compare: dict[str, Any]) -> list[str]:

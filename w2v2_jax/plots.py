@@ -287,6 +287,16 @@ def _valid_value(record: Mapping[str, Any], name: str) -> Any:
   return record.get(f"valid/{name}", record.get(name))
 
 
+def _valid_percent(records: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+  """valid.jsonl records -> {"step", "cer", "wer"} with the rates in percent (non-numbers kept as they are)."""
+  out = [{"step": r["step"], "cer": _valid_value(r, "cer"), "wer": _valid_value(r, "wer")} for r in records]
+  for r in out:
+    for name in ("cer", "wer"):
+      if isinstance(r[name], (int, float)):
+        r[name] = 100.0 * r[name]
+  return out
+
+
 def finetune_figure(workdir: str, out_png: str, *, size_px: Tuple[int, int] = (1200, 450),
                     dpi: int = 100) -> str:
   """Draws a fine-tuning run's curves, two panels against the update step, to a PNG.
@@ -315,11 +325,7 @@ def finetune_figure(workdir: str, out_png: str, *, size_px: Tuple[int, int] = (1
   else:
     log.warning("%s missing: no validation curve (was data.valid_manifest set?)", valid_path)
     valid = []
-  valid = [{"step": r["step"], "cer": _valid_value(r, "cer"), "wer": _valid_value(r, "wer")} for r in valid]
-  for r in valid:
-    for name in ("cer", "wer"):
-      if isinstance(r[name], (int, float)):
-        r[name] = 100.0 * r[name]
+  valid = _valid_percent(valid)
 
   fig = _new_figure(size_px, dpi)
   ax_loss, ax_err = fig.subplots(1, 2)
@@ -378,8 +384,7 @@ def comparison_figure(runs: Mapping[str, str], out_png: str, *, metric: str = "c
     path = os.path.join(workdir, VALID)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no validation log for {label!r}")
-    valid = [{"step": r["step"], metric: 100.0 * _valid_value(r, metric)} for r in read_jsonl(path)
-             if isinstance(_valid_value(r, metric), (int, float))]
+    valid = _valid_percent(read_jsonl(path))
     style = dict(color=f"C{i // 2}", linestyle="-" if i % 2 == 0 else "--", marker="o" if i % 2 == 0 else "s")
     drawn |= _plot(ax, valid, metric, label, **style)
   ax.set_ylim(bottom=0.0)

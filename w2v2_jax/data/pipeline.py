@@ -187,34 +187,41 @@ class _LoadEntry:
     except audio_lib.AudioError as e:
       return _Row(reason=e.reason, detail=f"{e.reason} ({e.detail})" if e.detail else e.reason)
     audio, n = ex.audio, int(ex.audio.shape[0])
-    args = self._args
-    if args.mode == "crop":
-      if n < max(length, args.min_sample_size):
-        return _Row(info=ex.info, reason=TOO_SHORT, detail=f"too_short ({n} samples < bucket {length})")
-    else:
-      if n < args.min_sample_size:
-        return _Row(info=ex.info, reason=TOO_SHORT, detail=f"too_short ({n} samples < {args.min_sample_size})")
-      if n > length:
-        return _Row(info=ex.info, reason=TOO_LONG, detail=f"too_long ({n} samples > bucket {length})")
+    problem = self._length_problem(n, length)
+    if problem is not None:
+      return _Row(info=ex.info, reason=problem[0], detail=problem[1])
     if self._augment is not None:
       audio = self._augmented(audio, epoch, index, length)
       n = int(audio.shape[0])
+    args = self._args
     if args.mode == "crop":
       off = batching.crop_offset(args.seed, epoch, index, n, length)
       return _Row(audio[off:off + length], length, ex.label, ex.info)
     return _Row(audio, n, ex.label, ex.info)
 
+  def _length_problem(self, n: int, length: int) -> tuple[str, str] | None:
+    """(reason, detail) when an utterance of n samples cannot fill a row of `length` (crop: shorter than
+    it or than min_sample_size; pad: shorter than min_sample_size or longer than it); None when it can."""
+    args = self._args
+    if args.mode == "crop":
+      if n < max(length, args.min_sample_size):
+        return TOO_SHORT, f"too_short ({n} samples < bucket {length})"
+      return None
+    if n < args.min_sample_size:
+      return TOO_SHORT, f"too_short ({n} samples < {args.min_sample_size})"
+    if n > length:
+      return TOO_LONG, f"too_long ({n} samples > bucket {length})"
+    return None
+
   def _augmented(self, audio: np.ndarray, epoch: int, index: int, length: int) -> np.ndarray:
     """The utterance through `augment` (drawn per epoch and utterance); the speed change is kept only
-    when the result still fits the row (crop: at least `length` samples; pad: at most `length`)."""
-    cfg, args = self._augment, self._args
-    rng = augment_lib.utterance_rng(args.seed, epoch, index)
+    when the result still fits the row (`_length_problem`)."""
+    cfg = self._augment
+    rng = augment_lib.utterance_rng(self._args.seed, epoch, index)
     factor = augment_lib.speed_factor(cfg, rng)
     if factor != 1.0:
       faster = augment_lib.change_speed(audio, factor)
-      m = int(faster.shape[0])
-      fits = m >= max(length, args.min_sample_size) if args.mode == "crop" else args.min_sample_size <= m <= length
-      if fits:
+      if self._length_problem(int(faster.shape[0]), length) is None:
         audio = faster
     audio = augment_lib.augment(audio, cfg, rng, self._sample_rate)
     return audio_lib.normalize_waveform(audio) if self._normalize else audio
