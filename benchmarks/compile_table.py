@@ -17,16 +17,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16 = ["--config.model.dtype=bfloat16"]
 # (config, topology, extra flags): the recipes on the slices users rent, in the order they matter.
 ENTRIES = [
-    ("pretrain.py:base", "v5e-8", BF16),
-    ("pretrain.py:base", "v5e-64", BF16),
-    ("finetune.py:base_10m", "v5e-8", BF16),
-    ("pretrain.py:base", "v4-32", BF16),
-    ("pretrain.py:base", "v5p-8", BF16),
-    ("pretrain.py:large", "v4-32", BF16),
-    ("pretrain.py:large_lv60", "v4-32", BF16),
-    ("finetune.py:large_960h", "v4-32", BF16),
-    ("pretrain.py:large", "v5p-64", BF16),
-    ("pretrain.py:large_lv60", "v5p-64", BF16),
+    ("pretrain:base", "v5e-8", BF16),
+    ("pretrain:base", "v5e-64", BF16),
+    ("finetune:base_10m", "v5e-8", BF16),
+    ("pretrain:base", "v4-32", BF16),
+    ("pretrain:base", "v5p-8", BF16),
+    ("pretrain:large", "v4-32", BF16),
+    ("pretrain:large_lv60", "v4-32", BF16),
+    ("finetune:large_960h", "v4-32", BF16),
+    ("pretrain:large", "v5p-64", BF16),
+    ("pretrain:large_lv60", "v5p-64", BF16),
 ]
 
 
@@ -43,7 +43,7 @@ def main():
     if args.only not in config:
       continue
     before = _count(args.out)
-    cmd = [sys.executable, "-m", "w2v2_jax.cli", "compile-check", f"--config={ROOT}/configs/{config}",
+    cmd = [sys.executable, "-m", "w2v2_jax.cli", "compile-check", f"--config={config}",
            f"--topology={topo}", f"--json={args.out}", "--top_ops=0"] + extra
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if _count(args.out) == before:

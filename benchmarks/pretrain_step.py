@@ -25,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs.model import get_config  # noqa: E402
+from w2v2_jax.configs.model import get_config  # noqa: E402
 from w2v2_jax import models  # noqa: E402
 from w2v2_jax.models.config import ModelConfig  # noqa: E402
 from w2v2_jax.train import optimizer, parallel, schedules  # noqa: E402
@@ -107,7 +107,7 @@ def torch_bench(hf_dir: str, audio: np.ndarray, steps: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size", default="base", help="model preset from configs/model.py")
+  parser.add_argument("--size", default="base", help="model preset (w2v2_jax/models/presets.py)")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seconds", type=float, default=4.0)
   parser.add_argument("--steps", type=int, default=5)

@@ -19,7 +19,7 @@
 #   W2V2_KILL_GRACE      seconds between SIGTERM and SIGKILL when stopping the others (default 10;
 #                        JAX's preemption service catches SIGTERM, so SIGKILL may be needed)
 #
-# Example: launch/local_multihost.sh 2 pretrain --config=configs/pretrain.py:tiny --workdir=/tmp/run
+# Example: launch/local_multihost.sh 2 pretrain --config=pretrain:tiny --workdir=/tmp/run
 set -euo pipefail
 
 usage() {  # the comment block at the top of this file

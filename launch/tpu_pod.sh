@@ -21,7 +21,8 @@
 #   --project PROJECT        [gcloud's configured project]
 #   --bucket BUCKET          GCS bucket for the run; WORKDIR defaults to gs://BUCKET/w2v2/NAME
 #   --workdir URL            run directory (checkpoints, metrics) [gs://BUCKET/w2v2/NAME]
-#   --config SPEC            [configs/pretrain.py:base]
+#   --config SPEC            a packaged config (pretrain:base, pretrain:large, ...) or a config file of
+#                            your own in the checkout, PATH.py:ARG [pretrain:base]
 #   --jax SPEC               pip requirement for JAX on the workers [jax[tpu]]
 #   --spot                   create a Spot VM (preemptible: SIGTERM -> checkpoint, see checkpoint.py)
 #   --detach                 train: run under nohup on the workers, output in ~/w2v2-train.log
@@ -49,7 +50,7 @@ version="tpu-ubuntu2204-base"
 project=""
 bucket=""
 workdir=""
-config="configs/pretrain.py:base"
+config="pretrain:base"
 jax_spec="jax[tpu]"
 spot=0
 detach=0

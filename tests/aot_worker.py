@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=wrong-import-position
 
-from configs.pretrain import get_config  # pylint: disable=wrong-import-position
+from w2v2_jax.configs.pretrain import get_config  # pylint: disable=wrong-import-position
 from w2v2_jax.train import aot  # pylint: disable=wrong-import-position
 
 reports = {}

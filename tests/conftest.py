@@ -1,4 +1,4 @@
-"""Shared test set-up: CPU only, deterministic, the repo's configs importable."""
+"""Shared test set-up: CPU only, deterministic, 8 fake devices; tests/ importable for its helper modules."""
 import os
 import sys
 
@@ -10,9 +10,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
   sys.path.insert(0, TESTS)

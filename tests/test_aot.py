@@ -58,7 +58,7 @@ def test_flop_counter_agrees_with_xla_without_loops(worker):
 
 def test_compile_check_cli_exits_nonzero_when_the_step_does_not_fit():
   # 20000 s of audio per chip per micro-batch: tens of GiB of activations on a 16 GiB v5e chip.
-  cmd = [sys.executable, "-m", "w2v2_jax.cli", "compile-check", "--config=configs/pretrain.py:tiny",
+  cmd = [sys.executable, "-m", "w2v2_jax.cli", "compile-check", "--config=pretrain:tiny",
          "--topology=v5e-1", "--config.batch.device_seconds=20000", "--config.batch.global_seconds=20000",
          "--top_ops=3"]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=1200, cwd=ROOT)

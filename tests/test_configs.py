@@ -1,8 +1,9 @@
 """Every shipped config loads, validates, and carries the recipe's values (docs/recipe.md)."""
-import importlib.util
 import os
 
 import pytest
+
+from w2v2_jax import configs
 
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.train import loop
@@ -11,10 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  import importlib  # pylint: disable=import-outside-toplevel
+  return importlib.import_module(f"w2v2_jax.configs.{name}")
 
 
 @pytest.mark.parametrize("arg", ["base", "large", "large_lv60", "small", "tiny"])
@@ -71,7 +70,7 @@ def test_no_file_cites_documents_outside_the_repository():
   workplace's ../shared notes, which a user of the package does not have."""
   import pathlib
   root = pathlib.Path(__file__).resolve().parent.parent
-  files = [p for pattern in ("w2v2_jax/**/*.py", "configs/*.py", "notebooks/*.ipynb", "docs/*.md", "*.md", "Makefile")
+  files = [p for pattern in ("w2v2_jax/**/*.py", "notebooks/*.ipynb", "docs/*.md", "*.md", "Makefile")
            for p in root.glob(pattern)]
   assert len(files) > 30
   offenders = [f"{p.relative_to(root)}: {needle}" for p in files for needle in ("../shared", "RECIPE.md", "DESIGN.md")

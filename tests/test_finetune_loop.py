@@ -54,13 +54,13 @@ def test_finetune_learns_and_exports(tmp_path):
   # Pretrain the tiny model on the same audio (labels unused): a random frozen conv encoder learns
   # nothing in fine-tuning, as the paper's recipe implies.
   # Run folders are given relative to the working directory, as users type them.
-  proc = subprocess.run(cli + ["pretrain", f"--config={ROOT}/configs/pretrain.py:tiny", "--workdir=pretrained",
+  proc = subprocess.run(cli + ["pretrain", "--config=pretrain:tiny", "--workdir=pretrained",
                                f"--config.data.train_manifest={tmp_path / 'data' / 'train.tsv'}"],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
   workdir = tmp_path / "ft"
-  cmd = cli + ["finetune", f"--config={ROOT}/configs/finetune.py:tiny",
+  cmd = cli + ["finetune", "--config=finetune:tiny",
          "--workdir=ft", "--config.init=pretrained",
          f"--config.data.train_manifest={tmp_path / 'data' / 'train.tsv'}",
          f"--config.data.valid_manifest={tmp_path / 'data' / 'valid.tsv'}",
@@ -90,12 +90,9 @@ def test_finetune_learns_and_exports(tmp_path):
 
 
 def test_best_metric_is_checked_before_training(tmp_path):
-  import importlib.util
+  from w2v2_jax import configs
   from w2v2_jax.train import loop
-  spec = importlib.util.spec_from_file_location("finetune_cfg", os.path.join(ROOT, "configs", "finetune.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = configs.get("finetune", "tiny")
   config.train.best_metric = "bleu"
   with pytest.raises(ValueError, match="best_metric"):
     loop.finetune(config, str(tmp_path / "ft"))

@@ -44,7 +44,7 @@ def test_tpu_pod_dry_run_prints_all_commands(tmp_path):
   bin_dir = _fake_bin(tmp_path, "gcloud", f"touch {marker}\nexit 97\n")
   proc = _run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", "--name", "pod1",
                "--zone=europe-west4-a", "--accelerator-type", "v4-64", "--version", "tpu-ubuntu2204-base",
-               "--bucket", "my-bucket", "--config", "configs/pretrain.py:large",
+               "--bucket", "my-bucket", "--config", "pretrain:large",
                "create", "install", "train", "delete", "--", "--config.train.steps=10"],
               env={"PATH": bin_dir + os.pathsep + os.environ["PATH"], "TMPDIR": str(tmp_path)})
   assert proc.returncode == 0, proc.stderr
@@ -60,7 +60,7 @@ def test_tpu_pod_dry_run_prints_all_commands(tmp_path):
   assert install.startswith("gcloud compute tpus tpu-vm ssh pod1 ") and "--worker=all" in install
   assert "pip install" in install and "jax[tpu]" in install
   assert train.startswith("gcloud compute tpus tpu-vm ssh pod1 ") and "--worker=all" in train
-  assert re.search(r"pretrain --config=configs/pretrain.py:large --workdir=gs://my-bucket/w2v2/pod1 "
+  assert re.search(r"pretrain --config=pretrain:large --workdir=gs://my-bucket/w2v2/pod1 "
                    r"--config.train.steps=10", train), train
   assert delete.startswith("gcloud compute tpus tpu-vm delete pod1 ") and "--zone=europe-west4-a" in delete
   # The archive step is printed, not run.
@@ -76,6 +76,8 @@ def test_tpu_pod_usage_and_errors():
   assert _run(["bash", script, "--dry-run"]).returncode == 2                      # no command
   proc = _run(["bash", script, "--dry-run", "train"])                             # no bucket/workdir
   assert proc.returncode == 2 and "--bucket" in proc.stderr
+  proc = _run(["bash", script, "--dry-run", "--bucket", "b", "--name", "pod", "train"])  # the default config
+  assert proc.returncode == 0 and "pretrain --config=pretrain:base --workdir=gs://b/w2v2/pod" in proc.stdout, proc.stdout
 
 
 DIST_SCRIPT = """
@@ -185,5 +187,5 @@ def test_gpu_slurm_environment(tmp_path, mode, tasks):
     assert task["env"]["W2V2_NUM_PROCESSES"] == str(tasks)
     assert task["env"]["W2V2_PROCESS_ID"] == str(i)
     assert task["env"]["CUDA_VISIBLE_DEVICES"] == (str(i % 4) if mode == "per_gpu" else None)
-    assert task["args"] == ["pretrain", "--config=configs/pretrain.py:base", "--workdir=/shared/run1",
+    assert task["args"] == ["pretrain", "--config=pretrain:base", "--workdir=/shared/run1",
                             "--config.train.steps=5"]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.model import get_config
+from w2v2_jax.configs.model import get_config
 from w2v2_jax import convert, models
 from w2v2_jax.models import GumbelQuantizer, ModelConfig, TransformerEncoder
 from w2v2_jax.models.config import DEFAULT_CONV_LAYERS

@@ -53,13 +53,10 @@ OVERRIDES = ["--config.data.buckets=(16000,)", "--config.data.min_sample_size=16
 
 
 def config(manifest_path):
-  """configs/pretrain.py:tiny with the overrides above (one bucket: one compilation)."""
+  """pretrain:tiny with the overrides above (one bucket: one compilation)."""
   import ast  # pylint: disable=import-outside-toplevel
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("pretrain_config", os.path.join(ROOT, "configs", "pretrain.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("tiny")
+  from w2v2_jax import configs  # pylint: disable=import-outside-toplevel
+  cfg = configs.get("pretrain", "tiny")
   cfg.data.train_manifest = manifest_path
   for flag in OVERRIDES:
     path, value = flag[len("--config."):].split("=", 1)
@@ -84,7 +81,7 @@ def read_params(workdir, step):
 def test_sigterm_saves_and_resume_is_exact(manifest, tmp_path):
   # 1. The CLI, preempted: SIGTERM once a few updates are logged.
   killed = str(tmp_path / "killed")
-  cmd = [sys.executable, "-m", "w2v2_jax.cli", "pretrain", f"--config={ROOT}/configs/pretrain.py:tiny",
+  cmd = [sys.executable, "-m", "w2v2_jax.cli", "pretrain", "--config=pretrain:tiny",
          f"--workdir={killed}", f"--config.data.train_manifest={manifest}"] + OVERRIDES
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics_file = os.path.join(killed, "metrics.jsonl")

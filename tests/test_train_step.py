@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs.model import get_config
+from w2v2_jax.configs.model import get_config
 from w2v2_jax import backend, models
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.train import optimizer, parallel, schedules

@@ -6,9 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs.model import get_config
+from w2v2_jax.configs.model import get_config
 from test_finetune_loop import labeled_corpus
-from w2v2_jax import inference, models
+from w2v2_jax import models
+from w2v2_jax.evaluate import evaluate
+from w2v2_jax.recognizer import Recognizer
 from w2v2_jax.data.text import Vocabulary
 from w2v2_jax.train import parallel, validation
 from w2v2_jax.train import step as train_step
@@ -30,7 +32,7 @@ def setup(tmp_path_factory):
                                       np.zeros((1, 16000), np.float32))["params"])
   # Favour a few letters so greedy decoding emits text (a random head mostly emits blanks).
   params["proj"]["bias"] = params["proj"]["bias"] + np.where(np.arange(len(vocab)) % 5 == 1, 1.5, 0.0)
-  reference = inference.evaluate(inference.Recognizer(cfg, params, vocab), str(data / "valid.tsv"), label="ltr")
+  reference = evaluate(Recognizer(cfg, params, vocab), str(data / "valid.tsv"), label="ltr")
   return cfg, params, vocab, str(data / "valid.tsv"), reference
 
 

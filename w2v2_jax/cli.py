@@ -1,151 +1,140 @@
-"""The `w2v2` command: one entry point, one subcommand per job.
+"""The `w2v2` command: one entry point, one subcommand per job, absl flags for every one of them.
 
-  w2v2 pretrain --config=configs/pretrain.py:base --workdir=DIR [--config.train.steps=1000 ...]
-  w2v2 finetune --config=configs/finetune.py:base_10m --workdir=DIR --config.init=PRETRAINED
-  w2v2 evaluate --checkpoint CKPT --data MANIFEST.tsv [--lm ARPA_OR_BIN]
-  w2v2 transcribe FILE... --checkpoint CKPT [--json]
-  w2v2 manifest --root DIR --out DIR [--valid-percent 0.01] [--ext flac,wav]
-  w2v2 convert SRC OUT_DIR            (Hugging Face dir or fairseq .pt -> Hugging Face dir)
-  w2v2 make-corpus --out DIR [--hours 1] (offline English speech from the OS's TTS engines)
-  w2v2 build-lm --text FILE --out LM.arpa [--order 4]   (Kneser-Ney word n-gram for beam search)
-  w2v2 demo [--out runs/demo] [--scale 1]  (corpus -> pretrain -> fine-tune -> evaluate -> report)
-  w2v2 compile-check --config=configs/pretrain.py:base --topology=v5e-8   (TPU compiler: fits? FLOPs?)
-
-The CLI only wires flags to library functions.
+`w2v2 --help` lists the subcommands; `w2v2 SUBCOMMAND --help` their flags. Flags are written
+`--name=value` or `--name value`, booleans `--name` / `--noname`, lists comma-separated (`--ext=flac,wav`);
+a dash in a flag's name may stand for its underscore (`--batch-seconds` = `--batch_seconds`). Training
+configs are ml_collections config files: `--config=pretrain:base` names a packaged one
+(`w2v2_jax/configs/`), `--config=my_config.py:arg` a file of your own, and `--config.train.steps=1000`
+overrides a field. The CLI only wires flags to library functions.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
+import os
+import re
 import sys
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
-COMMANDS = ("pretrain", "finetune", "evaluate", "transcribe", "manifest", "convert", "make-corpus", "build-lm",
-            "demo", "compile-check")
+from absl import flags
+
+from w2v2_jax import configs as packaged
 
 
-def _pretrain(argv: List[str], job: str = "pretrain") -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """A subcommand: usage (after `w2v2 NAME`), one-line purpose, its flags and what it runs.
+
+  define(flag_values, argv) declares the flags (argv: where the config flag finds its overrides);
+  run(flag_values, positional_args) does the job and may return a result (`main` returns it);
+  positional: "none", "files" (one or more) or "src_out" (exactly two)."""
+  usage: str
+  purpose: str
+  define: Callable[[flags.FlagValues, List[str]], None]
+  run: Callable[[flags.FlagValues, List[str]], Any]
+  positional: str = "none"
+
+
+# ---------------------------------------------------------------------------------------- training
+
+def _define_training(fv: flags.FlagValues, argv: List[str]) -> None:
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:base",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics (local path or gs://).")
-  flags.DEFINE_integer("max_steps", None, "Stop after this many updates in this invocation (then resume).")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-  def main(_):
-    from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
-    _quiet_libraries()
-    getattr(loop, job)(flags.FLAGS.config, flags.FLAGS.workdir, max_steps=flags.FLAGS.max_steps)
-
-  app.run(main, argv=[f"w2v2 {job}"] + argv)
+  config_flags.DEFINE_config_file("config", None, "Config: a packaged one (pretrain:base, finetune:base_10m, ...) "
+                                  "or FILE.py:ARG of your own; --config.FIELD=VALUE overrides a field",
+                                  flag_values=fv, lock_config=True, sys_argv=argv)
+  flags.mark_flag_as_required("config", flag_values=fv)
 
 
-def _compile_check(argv: List[str]) -> None:
-  """Compiles the train step of a config for a TPU slice with libtpu's compiler, on this (CPU) host."""
-  import os  # pylint: disable=import-outside-toplevel
+def _define_train(fv: flags.FlagValues, argv: List[str]) -> None:
+  _define_training(fv, argv)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics (local path or gs://)", flag_values=fv)
+  flags.DEFINE_integer("max_steps", None, "Stop after this many updates in this invocation (then resume)",
+                       flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+
+
+def _run_pretrain(fv: flags.FlagValues, _: List[str]) -> None:
+  from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
+  loop.pretrain(fv.config, fv.workdir, max_steps=fv.max_steps)
+
+
+def _run_finetune(fv: flags.FlagValues, _: List[str]) -> None:
+  from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
+  loop.finetune(fv.config, fv.workdir, max_steps=fv.max_steps)
+
+
+def _define_compile_check(fv: flags.FlagValues, argv: List[str]) -> None:
+  _define_training(fv, argv)
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-8, v4-32, v5p-64, v6e-8 (v4/v5p count TensorCores)",
+                      flag_values=fv)
+  flags.DEFINE_integer("bucket", None, "Bucket (samples per row) to compile; default the largest of data.buckets",
+                       flag_values=fv)
+  flags.DEFINE_float("target_hours", None, "Wall-clock goal for config.train.steps updates: prints the MFU it needs",
+                     flag_values=fv)
+  flags.DEFINE_string("json", None, "Also append the figures as one JSON line to this file", flag_values=fv)
+  flags.DEFINE_integer("top_ops", 12, "Print the costliest ops (by FLOPs) of the update", flag_values=fv)
+  flags.mark_flag_as_required("topology", flag_values=fv)
+
+
+def _run_compile_check(fv: flags.FlagValues, _: List[str]) -> dict:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  config_flags.DEFINE_config_file("config", None, "Pretraining or fine-tuning config, e.g. configs/pretrain.py:base",
-                                  lock_config=True)
-  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-8, v4-32, v5p-64, v6e-8 (v4/v5p count TensorCores)")
-  flags.DEFINE_integer("bucket", None, "Bucket (samples per row) to compile; default the largest of data.buckets")
-  flags.DEFINE_float("target_hours", None, "Wall-clock goal for config.train.steps updates: prints the MFU it needs")
-  flags.DEFINE_string("json", None, "Also append the figures as one JSON line to this file")
-  flags.DEFINE_integer("top_ops", 12, "Print the costliest ops (by FLOPs) of the update")
-  flags.mark_flags_as_required(["config", "topology"])
-
-  def main(_):
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_platforms", "cpu")        # the host compiles; libtpu is not initialised as a backend
-    from w2v2_jax.train import aot  # pylint: disable=import-outside-toplevel
-    _quiet_libraries()
-    try:
-      report = aot.compile_check(flags.FLAGS.config, flags.FLAGS.topology, bucket=flags.FLAGS.bucket,
-                                 target_hours=flags.FLAGS.target_hours)
-    except (aot.CompileError, RuntimeError, ValueError) as e:
-      sys.exit(f"w2v2 compile-check: {e}")
-    print(aot.format_report(report, top_ops=flags.FLAGS.top_ops), flush=True)
-    if flags.FLAGS.json:
-      import json  # pylint: disable=import-outside-toplevel
-      with open(flags.FLAGS.json, "a") as f:
-        f.write(json.dumps({k: v for k, v in report.items() if k != "buckets"}) + "\n")
-    if not report["fits"]:
-      sys.exit(f"w2v2 compile-check: the step needs {report['total_bytes'] / aot.GIB:.2f} GiB per chip, more than "
-               f"the {report['hbm_gib']:g} GiB of a {report['chip']}")
-
-  app.run(main, argv=["w2v2 compile-check"] + argv)
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_platforms", "cpu")        # the host compiles; libtpu is not initialised as a backend
+  from w2v2_jax.train import aot  # pylint: disable=import-outside-toplevel
+  try:
+    report = aot.compile_check(fv.config, fv.topology, bucket=fv.bucket, target_hours=fv.target_hours)
+  except (aot.CompileError, RuntimeError, ValueError) as e:
+    sys.exit(f"w2v2 compile-check: {e}")
+  print(aot.format_report(report, top_ops=fv.top_ops), flush=True)
+  if fv.json:
+    import json  # pylint: disable=import-outside-toplevel
+    with open(fv.json, "a") as f:
+      f.write(json.dumps({k: v for k, v in report.items() if k != "buckets"}) + "\n")
+  if not report["fits"]:
+    sys.exit(f"w2v2 compile-check: the step needs {report['total_bytes'] / aot.GIB:.2f} GiB per chip, more than "
+             f"the {report['hbm_gib']:g} GiB of a {report['chip']}")
+  return report
 
 
-class _DropChatter(logging.Filter):
-  """Orbax logs every step of every save at INFO through absl; keep its warnings and errors."""
+# ---------------------------------------------------------------------------------------- data
 
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+def _define_manifest(fv: flags.FlagValues, _: List[str]) -> None:
+  flags.DEFINE_string("root", None, "Folder searched recursively for audio", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output folder for train.tsv / valid.tsv", flag_values=fv)
+  flags.DEFINE_float("valid_percent", 0.01, "Fraction of the files that go to valid.tsv", flag_values=fv)
+  flags.DEFINE_list("ext", ["flac", "wav"], "Audio file extensions", flag_values=fv)
+  flags.DEFINE_integer("seed", 42, "Seed of the train/valid split", flag_values=fv)
+  flags.mark_flags_as_required(["root", "out"], flag_values=fv)
 
 
-def _quiet_libraries() -> None:
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(_DropChatter())
-
-
-def _manifest(argv: List[str]) -> None:
-  parser = argparse.ArgumentParser(prog="w2v2 manifest",
-                                   description="Write fairseq-style train.tsv / valid.tsv for a folder of audio.")
-  parser.add_argument("--root", required=True, help="folder searched recursively for audio")
-  parser.add_argument("--out", required=True, help="output folder for train.tsv / valid.tsv")
-  parser.add_argument("--valid-percent", type=float, default=0.01)
-  parser.add_argument("--ext", default="flac,wav", help="comma-separated extensions")
-  parser.add_argument("--seed", type=int, default=42)
-  args = parser.parse_args(argv)
+def _run_manifest(fv: flags.FlagValues, _: List[str]) -> dict:
   from w2v2_jax.data.manifest import write_manifest  # pylint: disable=import-outside-toplevel
-  counts = write_manifest(args.root, args.out, valid_percent=args.valid_percent,
-                          exts=tuple(e.strip().lstrip(".") for e in args.ext.split(",") if e.strip()),
-                          seed=args.seed)
+  counts = write_manifest(fv.root, fv.out, valid_percent=fv.valid_percent,
+                          exts=tuple(e.strip().lstrip(".") for e in fv.ext if e.strip()), seed=fv.seed)
   print(" ".join(f"{k}={v}" for k, v in counts.items()))
+  return counts
 
 
-def _convert(argv: List[str]) -> None:
-  parser = argparse.ArgumentParser(prog="w2v2 convert",
-                                   description="Convert a Hugging Face directory or fairseq .pt checkpoint "
-                                               "to a Hugging Face directory (config.json + model.safetensors).")
-  parser.add_argument("src")
-  parser.add_argument("out_dir")
-  args = parser.parse_args(argv)
-  import os  # pylint: disable=import-outside-toplevel
-  from w2v2_jax import convert  # pylint: disable=import-outside-toplevel
-  cfg, params = convert.from_hf(args.src) if os.path.isdir(args.src) else convert.from_fairseq(args.src)
-  convert.to_hf(cfg, params, args.out_dir)
-  print(f"wrote {args.out_dir} ({cfg.task})")
+def _define_make_corpus(fv: flags.FlagValues, _: List[str]) -> None:
+  flags.DEFINE_string("out", None, "Output folder", flag_values=fv)
+  flags.DEFINE_float("hours", 1.0, "Hours of train audio", flag_values=fv)
+  flags.DEFINE_float("eval_minutes", 5.0, "Minutes of valid and of test audio", flag_values=fv)
+  flags.DEFINE_float("labeled_minutes", 10.0, "Minutes of the labeled subset train_<M>m", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed: voices, sentences, prosody", flag_values=fv)
+  flags.DEFINE_list("engines", ["espeak-ng", "flite", "festival"], "TTS engines", flag_values=fv)
+  flags.DEFINE_string("text", None, "Text file (one paragraph per line) instead of the KJV Bible", flag_values=fv)
+  flags.DEFINE_integer("workers", None, "Parallel renders (default: the CPU count)", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
 
 
-def _make_corpus(argv: List[str]) -> None:
-  parser = argparse.ArgumentParser(
-      prog="w2v2 make-corpus",
-      description="Synthesise a transcribed English corpus offline with espeak-ng / flite / festival + sox: "
-                  "16 kHz FLAC and fairseq manifests train / train_<M>m / valid / test, with valid and "
-                  "test voices and sentences never seen in train. Deterministic for a seed; re-running "
-                  "resumes (finished files are kept).")
-  parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--hours", type=float, default=1.0, help="hours of train audio (default 1)")
-  parser.add_argument("--eval-minutes", type=float, default=5.0, help="minutes of valid and of test audio")
-  parser.add_argument("--labeled-minutes", type=float, default=10.0,
-                      help="minutes of the labeled subset train_<M>m (default 10 -> train_10m)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--engines", default="espeak-ng,flite,festival", help="comma-separated TTS engines")
-  parser.add_argument("--text", default=None, help="text file (one paragraph per line) instead of the KJV Bible")
-  parser.add_argument("--workers", type=int, default=None, help="parallel renders (default: CPU count)")
-  args = parser.parse_args(argv)
-  from w2v2_jax.corpus import synthesize, voices, sentences  # pylint: disable=import-outside-toplevel
+def _run_make_corpus(fv: flags.FlagValues, _: List[str]) -> dict:
+  from w2v2_jax.corpus import sentences, synthesize, voices  # pylint: disable=import-outside-toplevel
   from w2v2_jax.progress import ProgressBar  # pylint: disable=import-outside-toplevel
   try:
     summary = synthesize.make_corpus(
-        args.out, args.hours, eval_minutes=args.eval_minutes, labeled_minutes=args.labeled_minutes,
-        seed=args.seed, engines=[e.strip() for e in args.engines.split(",") if e.strip()], text_file=args.text,
-        workers=args.workers, progress=ProgressBar("synthesising"))
+        fv.out, fv.hours, eval_minutes=fv.eval_minutes, labeled_minutes=fv.labeled_minutes, seed=fv.seed,
+        engines=[e.strip() for e in fv.engines if e.strip()], text_file=fv.text, workers=fv.workers,
+        progress=ProgressBar("synthesising"))
   except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:  # ValueError: bad --engines/--hours
     sys.exit(f"w2v2 make-corpus: {e}")
   for name, split in summary["splits"].items():
@@ -153,22 +142,20 @@ def _make_corpus(argv: List[str]) -> None:
           f"{len(split['voices']):3d} voices")
   if summary["failed"]:
     print(f"{len(summary['failed'])} utterances failed (see the log); run again to retry them")
-  print(f"wrote {args.out}")
+  print(f"wrote {fv.out}")
+  return summary
 
 
-def _build_lm(argv: List[str]) -> None:
-  parser = argparse.ArgumentParser(
-      prog="w2v2 build-lm",
-      description="Estimate a word n-gram language model (interpolated Kneser-Ney) and write it as an ARPA "
-                  "file for `w2v2 evaluate/transcribe --beam N --lm FILE`. Text: one sentence per line, "
-                  "normalised to the letter vocabulary (A-Z, apostrophe, space), e.g. a corpus's lm.txt "
-                  "(`w2v2 make-corpus` writes one without its valid and test sentences).")
-  parser.add_argument("--text", required=True, nargs="+", help="UTF-8 text file(s), one sentence per line")
-  parser.add_argument("--out", required=True, help="the ARPA file to write")
-  parser.add_argument("--order", type=int, default=4, help="n-gram order (>= 2, default 4)")
-  parser.add_argument("--exclude", nargs="*", default=[],
-                      help="files whose lines (after normalisation) are left out, e.g. valid.wrd test.wrd")
-  args = parser.parse_args(argv)
+def _define_build_lm(fv: flags.FlagValues, _: List[str]) -> None:
+  flags.DEFINE_list("text", None, "UTF-8 text file(s), one sentence per line", flag_values=fv)
+  flags.DEFINE_string("out", None, "The ARPA file to write", flag_values=fv)
+  flags.DEFINE_integer("order", 4, "n-gram order (>= 2)", flag_values=fv)
+  flags.DEFINE_list("exclude", [], "Files whose lines (after normalisation) are left out, e.g. valid.wrd,test.wrd",
+                    flag_values=fv)
+  flags.mark_flags_as_required(["text", "out"], flag_values=fv)
+
+
+def _run_build_lm(fv: flags.FlagValues, _: List[str]) -> dict:
   from w2v2_jax import lm  # pylint: disable=import-outside-toplevel
   from w2v2_jax.corpus.sentences import normalize  # pylint: disable=import-outside-toplevel
 
@@ -179,78 +166,269 @@ def _build_lm(argv: List[str]) -> None:
     except (OSError, UnicodeDecodeError) as e:
       sys.exit(f"w2v2 build-lm: cannot read {path}: {e}")
 
-  excluded = {line for path in args.exclude for line in lines(path)}
-  text = [line for path in args.text for line in lines(path) if line and line not in excluded]
+  excluded = {line for path in fv.exclude for line in lines(path)}
+  text = [line for path in fv.text for line in lines(path) if line and line not in excluded]
   try:
-    stats = lm.build_arpa(text, args.out, order=args.order)
+    stats = lm.build_arpa(text, fv.out, order=fv.order)
   except ValueError as e:
-    sys.exit(f"w2v2 build-lm: {e} (text: {', '.join(args.text)})")
-  print(f"wrote {args.out}: {stats['order']}-gram, {stats['sentences']} sentences, {stats['words']} words, "
+    sys.exit(f"w2v2 build-lm: {e} (text: {', '.join(fv.text)})")
+  print(f"wrote {fv.out}: {stats['order']}-gram, {stats['sentences']} sentences, {stats['words']} words, "
         f"n-grams {stats['ngrams']}")
+  return stats
 
 
-def _demo(argv: List[str]) -> None:
-  parser = argparse.ArgumentParser(
-      prog="w2v2 demo",
-      description="The whole system on 2 CPU cores: synthesise a corpus (cached), pretrain the small model, "
-                  "fine-tune it with CTC on the labeled hour (with --compare also from random initialisation, "
-                  "both on 10 labeled minutes, and linear probes of frozen features), evaluate on unseen "
-                  "voices, transcribe a file, plot the curves and write a report. A killed demo resumes where "
-                  "it stopped.")
-  parser.add_argument("--out", default="runs/demo", help="run folder (checkpoints, plots, report)")
-  parser.add_argument("--corpus", default="data/tts_corpus", help="corpus folder (reused when present)")
-  parser.add_argument("--hours", type=float, default=1.0, help="hours of synthetic train audio")
-  parser.add_argument("--scale", type=float, default=1.0,
-                      help="multiplies the updates of every training stage")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--eval-minutes", type=float, default=5.0, help="minutes of valid and of test audio")
-  parser.add_argument("--labeled-minutes", type=float, default=60.0,
-                      help="minutes of labeled audio to fine-tune on (the corpus split train_<M>m; default 60)")
-  parser.add_argument("--finetune-config", default="small_1h",
-                      help="configs/finetune.py entry (default small_1h; small_10m for --labeled-minutes 10)")
-  parser.add_argument("--compare", action="store_true",
-                      help="add the baselines: the same fine-tuning from random initialisation, the pair again "
-                           "on --low-minutes of labels, and linear CTC probes of the pretrained and a random "
-                           "model's frozen features (5 more fine-tuning runs)")
-  parser.add_argument("--low-minutes", type=float, default=10.0,
-                      help="labeled minutes of the low-resource comparison (split train_<M>m; default 10)")
-  parser.add_argument("--low-config", default="small_10m", help="configs/finetune.py entry for it")
-  parser.add_argument("--configs", default=None, help="configs folder (default: the checkout's configs/)")
-  args = parser.parse_args(argv)
+# ---------------------------------------------------------------------------------------- models
+
+def _define_convert(fv: flags.FlagValues, _: List[str]) -> None:
+  del fv    # SRC OUT_DIR are positional
+
+
+def _run_convert(_: flags.FlagValues, args: List[str]) -> None:
+  from w2v2_jax import convert  # pylint: disable=import-outside-toplevel
+  src, out_dir = args
+  cfg, params = convert.from_hf(src) if os.path.isdir(src) else convert.from_fairseq(src)
+  convert.to_hf(cfg, params, out_dir)
+  print(f"wrote {out_dir} ({cfg.task})")
+
+
+def _define_decoding(fv: flags.FlagValues) -> None:
+  from w2v2_jax.recognizer import DEFAULT_BATCH_SECONDS  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_integer("beam", 1, "Beam width (1: greedy)", flag_values=fv)
+  flags.DEFINE_string("lm", None, "KenLM model (ARPA or binary) for beam search", flag_values=fv)
+  flags.DEFINE_float("alpha", 0.5, "LM weight", flag_values=fv)
+  flags.DEFINE_float("beta", 1.5, "Word insertion bonus", flag_values=fv)
+  flags.DEFINE_float("batch_seconds", DEFAULT_BATCH_SECONDS, "Padded audio per forward pass", flag_values=fv)
+  flags.DEFINE_bool("normalize", None, "Normalise waveforms (default: as the checkpoint says)", flag_values=fv)
+
+
+def _define_evaluate(fv: flags.FlagValues, _: List[str]) -> None:
+  flags.DEFINE_string("checkpoint", None, "Hugging Face directory, fine-tuning run directory (its export/), or "
+                      "fairseq .pt", flag_values=fv)
+  flags.DEFINE_string("data", None, "Manifest .tsv with a .wrd or .ltr file next to it, or tfds:SPLIT (e.g. "
+                      "tfds:test_clean; needs the tfds extra and a prepared --tfds_data_dir)", flag_values=fv)
+  flags.DEFINE_string("tfds_name", "librispeech", "tfds dataset name for --data=tfds:SPLIT", flag_values=fv)
+  flags.DEFINE_string("tfds_data_dir", None, "tfds data dir", flag_values=fv)
+  flags.DEFINE_enum("label", None, ["wrd", "ltr"], "Transcripts to score against (default: wrd if present)",
+                    flag_values=fv)
+  flags.DEFINE_string("out", None, "Write per-utterance hypotheses (TSV) here", flag_values=fv)
+  flags.DEFINE_float("chunk_seconds", None, "Transcribe utterances longer than this in overlapping chunks",
+                     flag_values=fv)
+  _define_decoding(fv)
+  flags.mark_flags_as_required(["checkpoint", "data"], flag_values=fv)
+
+
+def _run_evaluate(fv: flags.FlagValues, _: List[str]) -> dict:
+  """Prints WER, CER, utterances/s and skipped items; exits with status 1 if no utterance could be
+  evaluated. Returns `evaluate.evaluate`'s dict."""
+  from w2v2_jax.data.labeled import open_labeled_source  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.recognizer import Recognizer  # pylint: disable=import-outside-toplevel
+  recognizer = Recognizer.load(fv.checkpoint, normalize=fv.normalize)
+  if fv.data.startswith("tfds:"):
+    from w2v2_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
+    source = TfdsSource(fv.data[len("tfds:"):], name=fv.tfds_name, data_dir=fv.tfds_data_dir)
+  else:
+    source = open_labeled_source(fv.data, fv.label)
+  result = evaluate(recognizer, source, batch_seconds=fv.batch_seconds, beam_width=fv.beam, lm_path=fv.lm,
+                    alpha=fv.alpha, beta=fv.beta, chunk_seconds=fv.chunk_seconds, out_path=fv.out)
+  print(f"WER {100 * result['wer']:.2f}%  CER {100 * result['cer']:.2f}%  "
+        f"utterances {result['utterances']}  skipped {result['skipped']}  "
+        f"{result['utterances_per_second']:.2f} utterances/s")
+  if result["skipped"]:
+    print("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(result["skipped_reasons"].items())))
+  if result["hypotheses_path"]:
+    print(f"hypotheses: {result['hypotheses_path']}")
+  if not result["utterances"]:
+    raise SystemExit("w2v2 evaluate: no utterance could be evaluated")
+  return result
+
+
+def _define_transcribe(fv: flags.FlagValues, _: List[str]) -> None:
+  flags.DEFINE_string("checkpoint", os.environ.get("W2V2_CHECKPOINT"), "Hugging Face directory, fine-tuning run "
+                      "directory (its export/), or fairseq .pt (default: $W2V2_CHECKPOINT)", flag_values=fv)
+  flags.DEFINE_bool("json", False, "Print JSON with durations and word timings", flag_values=fv)
+  flags.DEFINE_float("chunk_seconds", 30.0, "Transcribe longer files in chunks of this length", flag_values=fv)
+  flags.DEFINE_float("overlap_seconds", 2.0, "Overlap between chunks", flag_values=fv)
+  _define_decoding(fv)
+
+
+def _run_transcribe(fv: flags.FlagValues, files: List[str]) -> list:
+  """Prints `FILE<TAB>TRANSCRIPT`, one line per file, or with --json one JSON list of {"file", "text",
+  "duration", "words": [{"word", "start", "end"}]}. Files are decoded with `load_audio` (any rate or
+  channel count); ones longer than --chunk_seconds are transcribed in overlapping chunks. A file that
+  cannot be read is reported (an "error" entry in JSON) and the command exits with status 1 at the end.
+  Returns the per-file results."""
+  import json  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.data.audio import AudioError, load_audio  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.recognizer import Recognizer  # pylint: disable=import-outside-toplevel
+  if not fv.checkpoint:
+    sys.exit("w2v2 transcribe: no checkpoint: pass --checkpoint or set W2V2_CHECKPOINT")
+  recognizer = Recognizer.load(fv.checkpoint, normalize=fv.normalize)
+  results: list = []
+  audios, readable = [], []
+  for path in files:
+    try:
+      audios.append(load_audio(path, recognizer.sample_rate))
+      readable.append(len(results))
+      results.append({"file": path})
+    except AudioError as e:
+      logging.getLogger(__name__).error("cannot transcribe %s", e)
+      results.append({"file": path, "error": str(e)})
+  decoding = {"beam_width": fv.beam, "lm_path": fv.lm, "alpha": fv.alpha, "beta": fv.beta}
+  if fv.json:
+    frame_logits = recognizer.utterance_logits(audios, batch_seconds=fv.batch_seconds,
+                                               chunk_seconds=fv.chunk_seconds, overlap_seconds=fv.overlap_seconds)
+    for slot, audio, logits in zip(readable, audios, frame_logits):
+      results[slot].update(text=recognizer.decode_frames(logits, **decoding),
+                           duration=round(audio.size / recognizer.sample_rate, 3),
+                           words=recognizer.word_timings(logits))
+    print(json.dumps(results, indent=2, ensure_ascii=False))
+  else:
+    texts = recognizer.transcribe(audios, batch_seconds=fv.batch_seconds, chunk_seconds=fv.chunk_seconds,
+                                  overlap_seconds=fv.overlap_seconds, **decoding)
+    for slot, text in zip(readable, texts):
+      results[slot]["text"] = text
+    for item in results:
+      if "text" in item:
+        print(f"{item['file']}\t{item['text']}")
+  if len(readable) < len(results):
+    raise SystemExit(f"w2v2 transcribe: {len(results) - len(readable)} file(s) could not be read")
+  return results
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+def _define_demo(fv: flags.FlagValues, _: List[str]) -> None:
+  flags.DEFINE_string("out", "runs/demo", "Run folder (checkpoints, plots, report)", flag_values=fv)
+  flags.DEFINE_string("corpus", "data/tts_corpus", "Corpus folder (reused when present)", flag_values=fv)
+  flags.DEFINE_float("hours", 1.0, "Hours of synthetic train audio", flag_values=fv)
+  flags.DEFINE_float("scale", 1.0, "Multiplies the updates of every training stage", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the corpus, the data order and the models", flag_values=fv)
+  flags.DEFINE_float("eval_minutes", 5.0, "Minutes of valid and of test audio", flag_values=fv)
+  flags.DEFINE_float("labeled_minutes", 60.0, "Minutes of labeled audio to fine-tune on (split train_<M>m)",
+                     flag_values=fv)
+  flags.DEFINE_string("finetune_config", "small_1h", "finetune config (small_10m for --labeled_minutes=10)",
+                      flag_values=fv)
+  flags.DEFINE_bool("compare", False, "Add the baselines: the same fine-tuning from random initialisation, the "
+                    "pair again on --low_minutes of labels, and linear CTC probes of the pretrained and a random "
+                    "model's frozen features (5 more fine-tuning runs)", flag_values=fv)
+  flags.DEFINE_float("low_minutes", 10.0, "Labeled minutes of the low-resource comparison (split train_<M>m)",
+                     flag_values=fv)
+  flags.DEFINE_string("low_config", "small_10m", "finetune config of the low-resource comparison", flag_values=fv)
+
+
+def _run_demo(fv: flags.FlagValues, _: List[str]) -> dict:
   from w2v2_jax import demo  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.corpus import voices, sentences  # pylint: disable=import-outside-toplevel
-  _quiet_libraries()
+  from w2v2_jax.corpus import sentences, voices  # pylint: disable=import-outside-toplevel
   try:
-    demo.run(args.out, args.corpus, hours=args.hours, scale=args.scale, seed=args.seed, configs=args.configs,
-             eval_minutes=args.eval_minutes, labeled_minutes=args.labeled_minutes,
-             finetune_config=args.finetune_config, compare=args.compare, low_minutes=args.low_minutes,
-             low_config=args.low_config, say=lambda line: print(line, flush=True))
+    return demo.run(fv.out, fv.corpus, hours=fv.hours, scale=fv.scale, seed=fv.seed, eval_minutes=fv.eval_minutes,
+                    labeled_minutes=fv.labeled_minutes, finetune_config=fv.finetune_config, compare=fv.compare,
+                    low_minutes=fv.low_minutes, low_config=fv.low_config, say=lambda line: print(line, flush=True))
   except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:
     sys.exit(f"w2v2 demo: {e}")
 
 
-def _evaluate(argv: List[str]) -> None:
-  from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
-  inference.main_evaluate(argv)
+COMMANDS = {
+    "pretrain": Command("--config=pretrain:base --workdir=DIR [--config.train.steps=1000 ...]",
+                        "self-supervised pretraining (contrastive + diversity loss) on unlabeled audio",
+                        _define_train, _run_pretrain),
+    "finetune": Command("--config=finetune:base_10m --workdir=DIR --config.init=PRETRAINED",
+                        "CTC fine-tuning on labeled audio; exports the best model as a Hugging Face directory",
+                        _define_train, _run_finetune),
+    "evaluate": Command("--checkpoint=CKPT --data=MANIFEST.tsv [--beam=32 --lm=LM.arpa]",
+                        "WER / CER of a CTC model on a labeled manifest", _define_evaluate, _run_evaluate),
+    "transcribe": Command("FILE... [--checkpoint=CKPT] [--json]", "transcribe audio files (word timings with --json)",
+                          _define_transcribe, _run_transcribe, positional="files"),
+    "manifest": Command("--root=DIR --out=DIR [--valid_percent=0.01] [--ext=flac,wav]",
+                        "write fairseq train.tsv / valid.tsv for a folder of audio", _define_manifest, _run_manifest),
+    "convert": Command("SRC OUT_DIR", "Hugging Face directory or fairseq .pt -> Hugging Face directory",
+                       _define_convert, _run_convert, positional="src_out"),
+    "make-corpus": Command("--out=DIR [--hours=1]",
+                           "synthesise a transcribed English corpus offline (espeak-ng, flite, festival)",
+                           _define_make_corpus, _run_make_corpus),
+    "build-lm": Command("--text=FILE[,FILE] --out=LM.arpa [--order=4]",
+                        "Kneser-Ney word n-gram LM (ARPA) for beam search", _define_build_lm, _run_build_lm),
+    "demo": Command("[--out=runs/demo] [--scale=1] [--compare]",
+                    "the whole system on a CPU: corpus, pretrain, fine-tune, evaluate, report", _define_demo, _run_demo),
+    "compile-check": Command("--config=pretrain:base --topology=v5e-8",
+                             "compile the train step for a TPU slice on this host: fits? FLOPs? MFU needed?",
+                             _define_compile_check, _run_compile_check),
+}
 
 
-def _transcribe(argv: List[str]) -> None:
-  from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
-  inference.main_transcribe(argv)
+def usage() -> str:
+  """`w2v2 --help`: every subcommand with its purpose and usage."""
+  width = max(map(len, COMMANDS))
+  lines = ["usage: w2v2 SUBCOMMAND [flags]   (w2v2 SUBCOMMAND --help: its flags)", ""]
+  for name, cmd in COMMANDS.items():
+    lines.append(f"  {name:<{width}}  {cmd.purpose}")
+    lines.append(f"  {'':<{width}}    w2v2 {name} {cmd.usage}")
+  return "\n".join(lines + ["", __doc__.strip().split("\n\n", 1)[1]])
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def _normalized(argv: List[str]) -> List[str]:
+  """Dashes in flag names -> underscores; `--config NAME:ARG` of a packaged config -> its file path."""
+  out, config_next = [], False
+  for arg in argv:
+    if config_next:
+      out.append(packaged.resolve(arg))
+      config_next = False
+      continue
+    if arg == "--":
+      out.append(arg)
+      continue
+    m = re.match(r"^(--?)([A-Za-z][\w.-]*)(=.*)?$", arg)
+    if m and not m.group(2).startswith("config."):
+      name = m.group(2).replace("-", "_")
+      value = m.group(3) or ""
+      if name == "config":
+        if value:
+          value = "=" + packaged.resolve(value[1:])
+        else:
+          config_next = True
+      arg = m.group(1) + name + value
+    out.append(arg)
+  return out
+
+
+class _DropChatter(logging.Filter):
+  """Orbax logs every step of every save at INFO through absl; keep its warnings and errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: Optional[List[str]] = None) -> Any:
+  """Runs `w2v2 SUBCOMMAND ...`; returns what the subcommand returns (for Python callers and tests)."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-    print(__doc__.strip())
-    if argv and argv[0] not in ("-h", "--help"):
-      sys.exit(f"w2v2: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
-    return
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(usage())
+    return None
+  name, rest = argv[0], _normalized(argv[1:])
+  if name not in COMMANDS:
+    sys.exit(f"w2v2: unknown subcommand {name!r}; choose one of {', '.join(COMMANDS)} (w2v2 --help)")
+  cmd = COMMANDS[name]
+  full = [f"w2v2 {name}"] + rest
+  fv = flags.FlagValues()
+  cmd.define(fv, full)
+  if any(a in ("-h", "--help", "--helpfull") for a in rest):
+    print(f"usage: w2v2 {name} {cmd.usage}\n\n{cmd.purpose}\n\nflags:")
+    print(fv.get_help(prefix="  ", include_special_flags=False))
+    return None
+  try:
+    args = fv(full)[1:]
+  except flags.Error as e:
+    sys.exit(f"w2v2 {name}: {e} (w2v2 {name} --help lists the flags)")
+  if cmd.positional == "none" and args:
+    sys.exit(f"w2v2 {name}: unexpected argument(s) {' '.join(args)} (w2v2 {name} --help lists the flags)")
+  if cmd.positional == "files" and not args:
+    sys.exit(f"w2v2 {name}: no input files (usage: w2v2 {name} {cmd.usage})")
+  if cmd.positional == "src_out" and len(args) != 2:
+    sys.exit(f"w2v2 {name}: expected SRC OUT_DIR, got {args} (usage: w2v2 {name} {cmd.usage})")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  jobs = {"pretrain": _pretrain, "finetune": lambda a: _pretrain(a, "finetune"), "manifest": _manifest,
-          "convert": _convert, "evaluate": _evaluate, "transcribe": _transcribe,
-          "make-corpus": _make_corpus, "build-lm": _build_lm, "demo": _demo, "compile-check": _compile_check}
-  jobs[argv[0]](argv[1:])
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_DropChatter())
+  return cmd.run(fv, args)
 
 
 if __name__ == "__main__":

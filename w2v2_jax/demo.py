@@ -2,8 +2,8 @@
 
   1. corpus      `w2v2 make-corpus`: ~1 h of synthetic English speech (espeak-ng / flite / festival),
                  cached: a second run reuses the files.
-  2. pretrain    configs/pretrain.py:small (2.2M parameters) on the train audio, no labels.
-  3. finetune    configs/finetune.py:small_1h: CTC on the labeled hour (train_60m: all of train at the
+  2. pretrain    the packaged config pretrain:small (2.2M parameters) on the train audio, no labels.
+  3. finetune    finetune:small_1h: CTC on the labeled hour (train_60m: all of train at the
                  default size), conv encoder included, validated on unseen voices; the best model by
                  validation CER is exported. The claim of the paper, checked (`compare`; `w2v2 demo --compare`):
                  the same fine-tuning from random initialisation (same config, data, updates, seed);
@@ -31,26 +31,10 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-from w2v2_jax import plots
+from w2v2_jax import configs as packaged, plots
 from w2v2_jax.corpus import synthesize
 
 log = logging.getLogger(__name__)
-
-
-def configs_dir() -> str:
-  """The repo's configs/ folder (next to the package in a source checkout)."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def load_config(path: str, arg: str):
-  """`get_config(arg)` of a config file, e.g. ("configs/pretrain.py", "small")."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path} not found; run the demo from a source checkout or pass "
-                            "--configs DIR")
-  spec = importlib.util.spec_from_file_location(f"_w2v2_config_{os.path.basename(path)[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _scaled(steps: int, scale: float) -> int:
@@ -64,23 +48,23 @@ def _stage(name: str, say: Callable[[str], None]):
 
 
 def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hours: float = 1.0, scale: float = 1.0,
-        seed: int = 0, eval_minutes: float = 5.0, labeled_minutes: float = 60.0, configs: Optional[str] = None,
+        seed: int = 0, eval_minutes: float = 5.0, labeled_minutes: float = 60.0,
         finetune_config: str = "small_1h", compare: bool = False, low_minutes: float = 10.0,
         low_config: str = "small_10m", say: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or resumes) the demo; returns the report (also written to out_dir/report.json).
 
   hours / eval_minutes / labeled_minutes: the corpus (`make_corpus`); the labeled split train_<M>m is
-  what fine-tuning trains on, with configs/finetune.py:`finetune_config`; scale: multiplies the updates
+  what fine-tuning trains on, with the packaged config finetune:`finetune_config`; scale: multiplies the updates
   of both training stages; `say` receives the stage headers and the final report lines (the CLI prints
   them)."""
-  from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.recognizer import Recognizer  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data.audio import load_audio  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data.manifest import read_manifest  # pylint: disable=import-outside-toplevel
   from w2v2_jax.progress import ProgressBar  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
   if scale <= 0:
     raise ValueError(f"scale must be positive, got {scale}")
-  configs = configs or configs_dir()
   out_dir, corpus_dir = os.path.abspath(out_dir), os.path.abspath(corpus_dir)   # the report's paths work anywhere
   os.makedirs(out_dir, exist_ok=True)
   times, report = {}, {"seed": seed, "scale": scale}
@@ -97,7 +81,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
                           "voices": len(v["voices"])} for k, v in corpus["splits"].items()}
   manifest = lambda split: os.path.join(corpus_dir, f"{split}.tsv")  # noqa: E731
 
-  pre_cfg = load_config(os.path.join(configs, "pretrain.py"), "small")
+  pre_cfg = packaged.get("pretrain", "small")
   pre_cfg.data.train_manifest = manifest("train")
   pre_cfg.train.steps = _scaled(pre_cfg.train.steps, scale)
   pre_cfg.train.seed = pre_cfg.data.seed = seed
@@ -117,7 +101,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
       "leaves_chance_at": plots.chance_exit_step(records, chance)}
 
   start = time.monotonic()
-  main = _finetune_arm(configs, finetune_config, labeled, pre_dir, os.path.join(out_dir, "finetune"), manifest,
+  main = _finetune_arm(finetune_config, labeled, pre_dir, os.path.join(out_dir, "finetune"), manifest,
                        scale=scale, seed=seed, say=say,
                        title=f"3/5 fine-tuning (CTC) from the pretrained model on {labeled}")
   ft_dir = main["dir"]
@@ -140,15 +124,15 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
               f"probe, random features, {labeled}")]
     for name, cfg_name, split, init, folder, what, label in plan:
       start = time.monotonic()
-      arms[name] = _finetune_arm(configs, cfg_name, split, init, os.path.join(out_dir, folder), manifest,
+      arms[name] = _finetune_arm(cfg_name, split, init, os.path.join(out_dir, folder), manifest,
                                  scale=scale, seed=seed, say=say, probe=name.startswith("probe"),
                                  title=f"3/5 fine-tuning (CTC) {what} on {split}")
       curves[label] = arms[name]["dir"]
       times[folder] = time.monotonic() - start
   start = _stage("4/5 evaluating on the test split (unseen voices and sentences)", say)
-  recognizer = inference.Recognizer.load(os.path.join(ft_dir, "export"))
+  recognizer = Recognizer.load(os.path.join(ft_dir, "export"))
   hyp_path = os.path.join(out_dir, "test_hypotheses.tsv")
-  scores = inference.evaluate(recognizer, manifest("test"), out_path=hyp_path)
+  scores = evaluate(recognizer, manifest("test"), out_path=hyp_path)
   report["test"] = {"wer": round(float(scores["wer"]), 4), "cer": round(float(scores["cer"]), 4),
                     "utterances": int(scores["utterances"]), "hypotheses": hyp_path}
   report["test_lm"] = _lm_decoding(recognizer, corpus_dir, out_dir, manifest, say)
@@ -156,7 +140,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
     report["compare"] = {"pretrained": dict(report["finetune"], test_cer=report["test"]["cer"],
                                             test_wer=report["test"]["wer"])}
     for name, arm in arms.items():
-      scores = inference.evaluate(inference.Recognizer.load(os.path.join(arm["dir"], "export")), manifest("test"))
+      scores = evaluate(Recognizer.load(os.path.join(arm["dir"], "export")), manifest("test"))
       report["compare"][name] = dict(arm["summary"], test_cer=round(float(scores["cer"]), 4),
                                      test_wer=round(float(scores["wer"]), 4))
   times["evaluate"] = time.monotonic() - start
@@ -188,10 +172,10 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
 PROBE_LR = 2e-3          # the output layer alone: a larger step than fine-tuning the whole model
 
 
-def _finetune_arm(configs: str, config_name: str, split: str, init: str, workdir: str,
+def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
                   manifest: Callable[[str], str], *, scale: float, seed: int, say: Callable[[str], None],
                   title: str, probe: bool = False) -> dict[str, Any]:
-  """Runs (or resumes) one CTC fine-tuning of the demo: configs/finetune.py:`config_name` on the corpus
+  """Runs (or resumes) one CTC fine-tuning of the demo: the packaged config finetune:`config_name` on the corpus
   split `split`, from `init` (a pretraining run; "" = random initialisation), validated on valid.
 
   From random initialisation there is no freeze and the conv encoder trains (feature_grad_mult 1 where
@@ -201,7 +185,7 @@ def _finetune_arm(configs: str, config_name: str, split: str, init: str, workdir
   Returns {"dir", "summary"}; the model of the lowest valid CER is exported to workdir/export.
   """
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
-  cfg = load_config(os.path.join(configs, "finetune.py"), config_name)
+  cfg = packaged.get("finetune", config_name)
   cfg.init = init
   cfg.data.train_manifest = manifest(split)
   cfg.data.valid_manifest = manifest("valid")
@@ -251,7 +235,8 @@ def _lm_decoding(recognizer, corpus_dir: str, out_dir: str, manifest: Callable[[
                  say: Callable[[str], None]) -> Optional[dict[str, Any]]:
   """Beam search with a 4-gram LM: build it (cached), pick (alpha, beta) on valid, score test.
   None (and a message) without kenlm."""
-  from w2v2_jax import inference, lm  # pylint: disable=import-outside-toplevel
+  from w2v2_jax import lm  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
   if importlib.util.find_spec("kenlm") is None:
     say("LM decoding skipped: the kenlm package is not installed (pip install 'w2v2_jax[lm]')")
     return None
@@ -259,11 +244,11 @@ def _lm_decoding(recognizer, corpus_dir: str, out_dir: str, manifest: Callable[[
   if not os.path.exists(lm_path) or os.path.getmtime(lm_path) < os.path.getmtime(text_path):
     with open(text_path, encoding="utf-8") as f:
       lm.build_arpa(f.read().splitlines(), lm_path, order=LM_ORDER)
-  valid = [dict(alpha=a, beta=b, **{k: float(v) for k, v in inference.evaluate(
+  valid = [dict(alpha=a, beta=b, **{k: float(v) for k, v in evaluate(
       recognizer, manifest("valid"), beam_width=LM_BEAM, lm_path=lm_path, alpha=a, beta=b).items()
       if k in ("wer", "cer")}) for a, b in LM_GRID]
   best = min(valid, key=lambda r: r["cer"])
-  scores = inference.evaluate(recognizer, manifest("test"), beam_width=LM_BEAM, lm_path=lm_path,
+  scores = evaluate(recognizer, manifest("test"), beam_width=LM_BEAM, lm_path=lm_path,
                               alpha=best["alpha"], beta=best["beta"])
   return {"lm": lm_path, "order": LM_ORDER, "beam": LM_BEAM, "alpha": best["alpha"], "beta": best["beta"],
           "valid_cer": round(best["cer"], 4), "valid_wer": round(best["wer"], 4),

@@ -1,110 +1,107 @@
-"""Word and character error rates (jiwer) and a per-utterance hypotheses file.
+"""WER / CER of a CTC model over a labeled source: the loop behind `w2v2 evaluate` and the demo's scores.
 
-Rates are corpus-level: total edits (substitutions + deletions + insertions, Levenshtein via jiwer)
-over the total number of reference words (characters), as fairseq and the wav2vec 2.0 paper report
-them, not a mean of per-utterance rates. Texts are compared as given, case-sensitive, after
-collapsing whitespace runs to one space and stripping the ends; CER counts the spaces between
-words as characters. Normalise transcripts first (`Vocabulary.normalize`). An empty reference has
-0 words: its hypothesis' words are all insertions. With no reference unit at all the rate is 0.0
-if there are no edits, else inf.
+  evaluate(Recognizer.load(path), "test.tsv")     {"wer", "cer", "utterances", "skipped", ...}
+
+The data side (references, skips, padded batches, loading ahead) is `data/labeled.py`, shared with
+fine-tuning validation; transcription is `Recognizer.transcribe`; the rates are `scoring`.
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import time
+from typing import Any
 
-import jiwer
+from w2v2_jax import scoring
+from w2v2_jax.data import labeled
+from w2v2_jax.data.audio import AudioError
+from w2v2_jax.recognizer import DEFAULT_BATCH_SECONDS, Recognizer
 
 log = logging.getLogger(__name__)
 
-HYPOTHESES_HEADER = ("id", "reference", "hypothesis", "word_errors", "ref_words", "char_errors",
-                     "ref_chars")
 
+def evaluate(recognizer: Recognizer, source: Any, *, label: str | None = None,
+             batch_seconds: float = DEFAULT_BATCH_SECONDS, beam_width: int = 1, lm_path: str | None = None,
+             alpha: float = 0.5, beta: float = 1.5, chunk_seconds: float | None = None,
+             out_path: str | None = None, num_threads: int = 4, log_every: int = 50) -> dict[str, Any]:
+  """Word and character error rates of `recognizer` over every item of a labeled source.
 
-def _clean(text: str) -> str:
-  return " ".join(str(text).split())
+  Args:
+    source: a Source with transcripts (`ManifestSource(tsv, label="wrd"|"ltr")`; .ltr lines are turned
+      into words with `text.ltr_to_words`; `TfdsSource`) or a manifest path
+      (`labeled.open_labeled_source(path, label)`).
+    batch_seconds, beam_width, lm_path, alpha, beta, chunk_seconds: as `Recognizer.transcribe`.
+    out_path: if given, a TSV of id (the item's path), reference, hypothesis and error counts
+      (`scoring.write_hypotheses`).
+    num_threads: audio decoding threads; the next batch is decoded while the model runs.
 
-
-def _check(refs: Sequence[str], hyps: Sequence[str]) -> tuple[list[str], list[str]]:
-  if isinstance(refs, str) or isinstance(hyps, str):
-    raise TypeError("refs and hyps are sequences of strings, not strings")
-  if len(refs) != len(hyps):
-    raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-  return [_clean(r) for r in refs], [_clean(h) for h in hyps]
-
-
-def _edits(alignment) -> int:
-  n = 0
-  for chunk in alignment:
-    if chunk.type in ("substitute", "delete"):
-      n += chunk.ref_end_idx - chunk.ref_start_idx
-    elif chunk.type == "insert":
-      n += chunk.hyp_end_idx - chunk.hyp_start_idx
-  return n
-
-
-def utterance_errors(refs: Sequence[str], hyps: Sequence[str],
-                     unit: str = "word") -> tuple[list[int], list[int]]:
-  """Per-utterance (edit counts, reference lengths) in words (unit="word") or characters ("char")."""
-  refs, hyps = _check(refs, hyps)
-  if not refs:
-    return [], []
-  if unit == "word":
-    out = jiwer.process_words(refs, hyps)
-  elif unit == "char":
-    out = jiwer.process_characters(refs, hyps)
-  else:
-    raise ValueError(f"unit must be 'word' or 'char', got {unit!r}")
-  errors = [_edits(a) for a in out.alignments]
-  lengths = [len(r) for r in out.references]
-  return errors, lengths
-
-
-def _rate(errors: Sequence[int], lengths: Sequence[int]) -> float:
-  e, n = sum(errors), sum(lengths)
-  if n == 0:
-    return 0.0 if e == 0 else float("inf")
-  return e / n
-
-
-def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
-  """Corpus word error rate, a fraction (0.034 = 3.4%)."""
-  return _rate(*utterance_errors(refs, hyps, "word"))
-
-
-def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
-  """Corpus character error rate (spaces between words count as characters), a fraction."""
-  return _rate(*utterance_errors(refs, hyps, "char"))
-
-
-def write_hypotheses(path: str, ids: Sequence[str], refs: Sequence[str], hyps: Sequence[str]) -> dict:
-  """Writes a TSV, one line per utterance, and returns the corpus totals.
-
-  Columns (`HYPOTHESES_HEADER`, first line): id, reference, hypothesis, word_errors, ref_words,
-  char_errors, ref_chars. Tabs and newlines inside fields become spaces.
+  Items whose audio cannot be used (audio.AudioError) or whose reference is empty or has characters
+  outside the vocabulary (after `Vocabulary.normalize`) are skipped, each with a warning naming it.
+  References and hypotheses are compared after `Vocabulary.normalize`.
 
   Returns:
-    dict: wer, cer, word_errors, ref_words, char_errors, ref_chars, utterances.
+    dict: wer, cer (fractions; nan when no item could be evaluated), utterances (evaluated), skipped,
+    skipped_reasons ({"audio:<AudioError reason>" or "text:<empty|oov|missing>": count}),
+    utterances_per_second, audio_seconds, seconds (wall time), hypotheses_path (out_path or None).
   """
-  if len(ids) != len(refs):
-    raise ValueError(f"{len(ids)} ids but {len(refs)} references")
-  w_err, w_len = utterance_errors(refs, hyps, "word")
-  c_err, c_len = utterance_errors(refs, hyps, "char")
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\t".join(HYPOTHESES_HEADER) + "\n")
-    for row in zip(ids, refs, hyps, w_err, w_len, c_err, c_len):
-      f.write("\t".join([_clean(x) for x in row[:3]] + [str(x) for x in row[3:]]) + "\n")
-  summary = {
-    "wer": _rate(w_err, w_len),
-    "cer": _rate(c_err, c_len),
-    "word_errors": sum(w_err),
-    "ref_words": sum(w_len),
-    "char_errors": sum(c_err),
-    "ref_chars": sum(c_len),
-    "utterances": len(refs),
+  if isinstance(source, (str, os.PathLike)):
+    source = labeled.open_labeled_source(os.fspath(source), label)
+  vocab = recognizer.vocab
+  refs = labeled.References(source, vocab)
+  batches = labeled.padded_batches(source, refs.todo, recognizer._batch_samples(batch_seconds),  # pylint: disable=protected-access
+                                   recognizer.bucket_samples)
+
+  def load(index):
+    try:
+      return source.load(index, sample_rate=recognizer.sample_rate, normalize=False)
+    except AudioError as e:
+      return e
+
+  hyps: dict[int, str] = {}
+  audio_samples = 0
+  started = time.perf_counter()
+  for step, (batch, loaded) in enumerate(labeled.load_ahead(load, batches, num_threads)):
+    keep, audios = [], []
+    for index, item in zip(batch, loaded):
+      if isinstance(item, AudioError):
+        refs.skip(index, (f"audio:{item.reason}", str(item)))
+        continue
+      if index not in refs.text and not refs.add(index, item.label):
+        continue
+      keep.append(index)
+      audios.append(item.audio)
+    if not keep:
+      continue
+    texts = recognizer.transcribe(audios, batch_seconds=batch_seconds, beam_width=beam_width,
+                                  lm_path=lm_path, alpha=alpha, beta=beta, chunk_seconds=chunk_seconds)
+    for index, text, audio in zip(keep, texts, audios):
+      hyps[index] = vocab.normalize(text)
+      audio_samples += audio.size
+    if log_every and (step + 1) % log_every == 0:
+      log.info("evaluated %d utterances (%d/%d batches)", len(hyps), step + 1, len(batches))
+  seconds = time.perf_counter() - started
+  order = sorted(hyps)
+  ref_list = [refs.text[i] for i in order]
+  hyp_list = [hyps[i] for i in order]
+  if order:
+    wer, cer = scoring.wer(ref_list, hyp_list), scoring.cer(ref_list, hyp_list)
+  else:
+    log.error("no utterance could be evaluated")
+    wer = cer = float("nan")
+  if out_path:
+    scoring.write_hypotheses(out_path, [source.describe(i) for i in order], ref_list, hyp_list)
+  n_skipped = sum(refs.skipped.values())
+  result = {
+      "wer": wer,
+      "cer": cer,
+      "utterances": len(order),
+      "skipped": n_skipped,
+      "skipped_reasons": dict(refs.skipped),
+      "utterances_per_second": len(order) / seconds if seconds > 0 else float("inf"),
+      "audio_seconds": audio_samples / recognizer.sample_rate,
+      "seconds": seconds,
+      "hypotheses_path": out_path or None,
   }
-  log.info("wrote %d hypotheses to %s: WER %.4f CER %.4f", len(refs), path, summary["wer"], summary["cer"])
-  return summary
+  log.info("WER %.4f CER %.4f over %d utterances (%d skipped) in %.1f s", wer, cer, len(order), n_skipped,
+           seconds)
+  return result

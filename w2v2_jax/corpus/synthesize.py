@@ -35,10 +35,10 @@ import soundfile as sf
 
 from w2v2_jax.corpus import sentences as sentences_lib
 from w2v2_jax.corpus import voices as voices_lib
+from w2v2_jax.data.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 SECONDS_PER_WORD = 0.29      # planning estimate at tempo 1 (measured over espeak-ng, flite and festival)
 PLAN_VERSION = 2        # bump when the same plan entry renders different audio
 

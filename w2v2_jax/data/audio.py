@@ -27,6 +27,7 @@ NON_FINITE = "non_finite"
 REASONS = (MISSING, EMPTY, UNDECODABLE, TRUNCATED, NON_FINITE)
 
 NORM_EPS = 1e-5  # as fairseq's F.layer_norm(wav, wav.shape)
+SAMPLE_RATE = 16000  # Hz: the rate every wav2vec 2.0 model takes
 
 
 class AudioError(ValueError):

@@ -8,6 +8,9 @@ mode "crop" (pretraining; fairseq crops and never pads): an utterance of n sampl
 capped at max_sample_size) goes to the largest bucket <= n and is randomly cropped to it.
 mode "pad" (fine-tuning with labels; never crops): the smallest bucket >= n, zero-padded;
 utterances longer than the largest bucket (or max_sample_size) are dropped.
+
+Evaluation and transcription (`plan_padded_batches`) pad every utterance to a multiple of one length
+granularity instead, longest first, and never drop one.
 """
 from __future__ import annotations
 
@@ -146,6 +149,37 @@ def host_slice(batch_size: int, process_index: int, process_count: int) -> tuple
     raise ValueError(f"process_index {process_index} outside [0, {process_count})")
   per_host = batch_size // process_count
   return process_index * per_host, (process_index + 1) * per_host
+
+
+def padded_length(num_samples: int, bucket_samples: int) -> int:
+  """`num_samples` rounded up to a multiple of `bucket_samples` (at least one bucket)."""
+  return max(bucket_samples, -(-int(num_samples) // bucket_samples) * bucket_samples)
+
+
+def plan_padded_batches(lengths: Sequence[int], max_samples: int, bucket_samples: int) -> list[list[int]]:
+  """Groups utterances (by position in `lengths`) into inference batches, longest first.
+
+  Each batch holds a power-of-two number of utterances of the same padded length (`padded_length`)
+  whose padded size stays within `max_samples`; an utterance longer than that budget gets a batch of
+  its own. So no batch needs dummy rows, the shapes that compile are (2^k, multiple of
+  bucket_samples), and every utterance is padded to its own bucket whatever it is batched with: a
+  group-norm conv encoder (whose statistics include padding, as in the reference) gives the same
+  transcript in `w2v2 transcribe`, `w2v2 evaluate` and fine-tuning validation.
+  """
+  lengths = [int(n) for n in lengths]
+  order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+  batches = []
+  start = 0
+  while start < len(order):
+    padded = padded_length(lengths[order[start]], bucket_samples)
+    same = start
+    while same < len(order) and padded_length(lengths[order[same]], bucket_samples) == padded:
+      same += 1
+    take = min(max(1, int(max_samples) // padded), same - start)
+    take = 1 << (take.bit_length() - 1)
+    batches.append(order[start:start + take])
+    start += take
+  return batches
 
 
 def crop_offset(seed: int, epoch: int, index: int, num_samples: int, bucket_len: int) -> int:

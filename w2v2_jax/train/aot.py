@@ -18,7 +18,6 @@ Units: bytes, FLOPs per update (per chip and for the slice), seconds.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Dict, Optional
@@ -119,7 +118,6 @@ def build(config: Any, devices: list, *, bucket: Optional[int] = None):
   Returns (runner, state, batch, geometry) with geometry: devices, accumulate, rows (global micro-batch
   rows), rows_per_device, samples (per row), bucket list, params (count), task.
   """
-  from w2v2_jax import models  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data import batching  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import loop, parallel  # pylint: disable=import-outside-toplevel

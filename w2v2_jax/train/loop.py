@@ -248,7 +248,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   config.train.best_metric="cer") is exported as a Hugging Face directory (config.json,
   model.safetensors, vocab.json) to `<workdir>/export`; `<workdir>/best.json` says which step."""
   import os  # pylint: disable=import-outside-toplevel
-  from w2v2_jax import inference  # pylint: disable=import-outside-toplevel
+  from w2v2_jax import export  # pylint: disable=import-outside-toplevel
   metric = str(config.train.get("best_metric", "wer"))
   if metric not in ("wer", "cer"):
     raise ValueError(f"config.train.best_metric must be 'wer' or 'cer', got {metric!r}")
@@ -311,7 +311,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
         params_now = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
                                             runner.get_state(state)["params"])
         best.update(wer=result["valid/wer"], cer=result["valid/cer"], step=step, metric=metric)
-        inference.export_hf(model_cfg, params_now, vocab, export_dir, normalize=bool(config.data.normalize))
+        export.export_hf(model_cfg, params_now, vocab, export_dir, normalize=bool(config.data.normalize))
         with open(best_path, "w") as f:
           json.dump(best, f)
         log.info("new best %s %.4f at step %d: exported to %s", metric.upper(), best[metric], step, export_dir)

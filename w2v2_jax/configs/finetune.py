@@ -2,7 +2,7 @@
 
 Command:
 
-  w2v2 finetune --config=configs/finetune.py:base_10m --workdir=DIR --config.init=PRETRAINED \\
+  w2v2 finetune --config=finetune:base_10m --workdir=DIR --config.init=PRETRAINED \\
       --config.data.train_manifest=train_10m.tsv --config.data.valid_manifest=dev_other.tsv
 
 PRETRAINED is one of our pretraining run directories, a Hugging Face directory or a fairseq .pt; the
@@ -34,7 +34,7 @@ small_10m: the small pretraining model fine-tuned on the 10 labeled minutes of
   utterance by update 2500) and valid CER rises from 0.60 at update 1000 to 0.62.
 tiny: the tiny pretraining model fine-tuned on a few minutes of labeled audio on 2 CPU cores.
 
-Check a slice first: `w2v2 compile-check --config=configs/finetune.py:large_960h --topology=v4-32
+Check a slice first: `w2v2 compile-check --config=finetune:large_960h --topology=v4-32
 --config.model.dtype=bfloat16 --config.model.scan_layers=True` (measured: 10.2 GiB of a v4 chip's 32;
 with unrolled layers the compiler needed more than 24 GiB of host memory). base_10m on v5e-8: 7.2 GiB of 16.
 
@@ -45,9 +45,9 @@ Waveform augmentation: --config.data.augment.noise_prob=0.5 etc. (w2v2_jax/data/
 import ml_collections
 
 from w2v2_jax.data import augment
+from w2v2_jax.data.audio import SAMPLE_RATE
 from w2v2_jax.models import presets
 
-SAMPLE_RATE = 16000
 # split -> (lr, updates, mask_prob, mask_channel_prob, layerdrop, freeze_updates)
 RECIPE = {
     "base_10m": (5e-5, 13000, 0.65, 0.25, 0.1, 10000),

@@ -1,6 +1,6 @@
-"""Model architecture presets: base, large, large_lv60, tiny (see w2v2_jax/models/presets.py).
+"""Model architecture presets: base, large, large_lv60, small, tiny (defined in w2v2_jax/models/presets.py).
 
-Usage: `--config=configs/model.py:base`, or `get_config("large_lv60")` in Python. Append `,ctc` for the
+Usage: `--config=model:base`, or `get_config("large_lv60")` in Python. Append `,ctc` for the
 CTC fine-tuning variant (e.g. `base,ctc`).
 """
 import ml_collections

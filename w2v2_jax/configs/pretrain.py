@@ -2,7 +2,7 @@
 
 Command (any of the configs; `--config.x=y` overrides a field):
 
-  w2v2 pretrain --config=configs/pretrain.py:base --workdir=DIR --config.data.train_manifest=train.tsv
+  w2v2 pretrain --config=pretrain:base --workdir=DIR --config.data.train_manifest=train.tsv
 
 Global batch is given in audio seconds and kept whatever the device count: each device processes
 `batch.device_seconds` per micro-step and gradients are accumulated over micro-steps until the global
@@ -14,7 +14,7 @@ base        BASE on LibriSpeech 960 h. Hardware: the recipe's 64 V100 x 1.4M sam
             Expected outcome (paper, Table 2): fine-tuned on 960 h of labels, 3.4 / 8.5 WER on
             test-clean / test-other without a language model. Watch prob perplexity: it must stay far
             above 2 (codebook collapse) and the contrastive loss must leave its chance level ln(K+1).
-            Check a slice first: `w2v2 compile-check --config=configs/pretrain.py:base --topology=v5e-8
+            Check a slice first: `w2v2 compile-check --config=pretrain:base --topology=v5e-8
             --config.model.dtype=bfloat16` (measured: 7.3 GiB of a v5e chip's 16 with accumulation 8;
             6.9 GiB on v5e-64 with none; 2.55e14 model FLOP per update, 3.05e14 with remat).
 large       LARGE on LibriSpeech 960 h: 128 V100 x 1.2M samples, 250k updates, lr 3e-4 (paper).
@@ -31,9 +31,9 @@ tiny        A 0.1M-parameter model on a few minutes of audio, 2 CPU cores: 200 u
 import ml_collections
 
 from w2v2_jax.data import augment
+from w2v2_jax.data.audio import SAMPLE_RATE
 from w2v2_jax.models import presets
 
-SAMPLE_RATE = 16000
 
 
 def get_config(arg: str = "base") -> ml_collections.ConfigDict:

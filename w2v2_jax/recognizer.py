@@ -1,21 +1,22 @@
-"""Inference with a fine-tuned CTC model: load it, transcribe audio, evaluate WER/CER on a manifest.
+"""Inference with a fine-tuned CTC model: load it, transcribe audio, time its words.
 
   rec = Recognizer.load(path)      a Hugging Face Wav2Vec2ForCTC directory, one of our fine-tuning run
                                    directories (its export/), or a fairseq CTC .pt with dict.ltr.txt
   rec.transcribe(audios)           list of 1-D float32 16 kHz arrays -> list of transcripts
   rec.transcribe_long(audio)       one long recording, in overlapping chunks (bounded device memory)
   rec.word_timings(frame_logits)   [{"word", "start", "end"}] in seconds
-  evaluate(rec, source)            WER / CER over a labeled manifest, skipping unusable items
-  main_evaluate(argv), main_transcribe(argv)   the `w2v2 evaluate` / `w2v2 transcribe` commands
+
+WER / CER over a labeled manifest: `w2v2_jax.evaluate`; writing a Hugging Face directory:
+`w2v2_jax.export`; the `w2v2 transcribe` / `w2v2 evaluate` commands: `w2v2_jax.cli`.
 
 Static shapes: every forward pass pads its batch to a power-of-two number of rows and its length up to
-a multiple of `bucket_samples` (1 s by default), so a handful of shapes compile however long the
-utterances are. Padding is marked in the padding mask; the model ignores padded frames, except that
-the per-utterance GroupNorm of "default"-extractor models (BASE) computes its statistics over the
-padded length too (as fairseq and Hugging Face do in batched inference), so their logits move slightly
-with the bucket and with the longest utterance of the batch (`batch_seconds=0`, one utterance per
-pass, and audio of whole buckets avoid that). Layer-norm-extractor models (LARGE LV-60k) give the same
-logits however they are padded and batched.
+a multiple of `bucket_samples` (1 s by default; `data.batching.plan_padded_batches`), so a handful of
+shapes compile however long the utterances are. Padding is marked in the padding mask; the model
+ignores padded frames, except that the per-utterance GroupNorm of "default"-extractor models (BASE)
+computes its statistics over the padded length too (as fairseq and Hugging Face do in batched
+inference), so their logits move slightly with the bucket and with the longest utterance of the batch
+(`batch_seconds=0`, one utterance per pass, and audio of whole buckets avoid that). Layer-norm-extractor
+models (LARGE LV-60k) give the same logits however they are padded and batched.
 
 Waveform normalisation (zero mean, unit variance per utterance) follows the checkpoint: a Hugging Face
 directory's preprocessor_config.json `do_normalize`; without one (and for fairseq checkpoints) the
@@ -24,12 +25,9 @@ wav2vec 2.0 recipes' convention: normalise for layer-norm-extractor models, not 
 """
 from __future__ import annotations
 
-import argparse
-import concurrent.futures
 import json
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -37,23 +35,19 @@ import jax
 import numpy as np
 
 from w2v2_jax import convert, decode
-from w2v2_jax import evaluate as scoring
-from w2v2_jax.data import text as text_lib
-from w2v2_jax.data.audio import AudioError, load_audio, normalize_waveform
-from w2v2_jax.data.source import ManifestSource
+from w2v2_jax.data import batching
+from w2v2_jax.data.audio import SAMPLE_RATE, normalize_waveform
 from w2v2_jax.data.text import Vocabulary
+from w2v2_jax.export import PREPROCESSOR_CONFIG
 from w2v2_jax.models import ModelConfig, build
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LongTranscript", "Recognizer", "evaluate", "export_hf", "main_evaluate", "main_transcribe",
-           "open_labeled_source", "plan_batches"]
+__all__ = ["LongTranscript", "Recognizer"]
 
-SAMPLE_RATE = 16000
 DEFAULT_BATCH_SECONDS = 64.0       # audio per forward pass, padding included
 DEFAULT_BUCKET_SAMPLES = SAMPLE_RATE
 FRAME_BUCKET = 512                 # decoding pads frame counts to a multiple of this (few greedy compiles)
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
 FAIRSEQ_DICT = "dict.ltr.txt"
 EXPORT_DIRS = ("export", os.path.join("best", "export"))   # where a fine-tuning run keeps its HF export
 
@@ -64,36 +58,6 @@ class LongTranscript(NamedTuple):
   text: str
   logits: np.ndarray
   frame_padding: np.ndarray
-
-
-def _bucketed(num_samples: int, bucket: int) -> int:
-  return max(bucket, -(-int(num_samples) // bucket) * bucket)
-
-
-def plan_batches(lengths: Sequence[int], max_samples: int, bucket_samples: int) -> list[list[int]]:
-  """Groups utterances (by index) into forward batches, longest first.
-
-  Each batch holds a power-of-two number of utterances of the same bucket (length rounded up to
-  `bucket_samples`) whose padded size stays within `max_samples`; an utterance longer than that budget
-  gets a batch of its own. So every batch needs no dummy rows, the shapes that compile are
-  (2^k, multiple of bucket_samples), and every utterance is padded to its own bucket whatever it is
-  batched with: a group-norm conv encoder (whose statistics include padding, as in the reference)
-  gives the same transcript in `transcribe`, `evaluate` and fine-tuning validation.
-  """
-  lengths = [int(n) for n in lengths]
-  order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-  batches = []
-  start = 0
-  while start < len(order):
-    padded = _bucketed(lengths[order[start]], bucket_samples)
-    same = start
-    while same < len(order) and _bucketed(lengths[order[same]], bucket_samples) == padded:
-      same += 1
-    take = min(max(1, int(max_samples) // padded), same - start)
-    take = 1 << (take.bit_length() - 1)
-    batches.append(order[start:start + take])
-    start += take
-  return batches
 
 
 def _is_hf_dir(directory: str) -> bool:
@@ -234,7 +198,7 @@ class Recognizer:
     of the bucketed length (the extra ones marked as padding)."""
     rows, length = audio.shape
     padded_rows = 1 << max(rows - 1, 0).bit_length()
-    padded_len = _bucketed(length, self.bucket_samples)
+    padded_len = batching.padded_length(length, self.bucket_samples)
     if (padded_rows, padded_len) != (rows, length):
       full = np.zeros((padded_rows, padded_len), np.float32)
       full[:rows, :length] = audio
@@ -293,7 +257,7 @@ class Recognizer:
     for i in self._long_indices(prepared, chunk_seconds):
       out[i] = self._chunk_logits_prepared(prepared[i], chunk_seconds, overlap_seconds, batch_seconds)
     short = [i for i, o in enumerate(out) if o is None]
-    for batch in plan_batches([prepared[i].size for i in short], self._batch_samples(batch_seconds),
+    for batch in batching.plan_padded_batches([prepared[i].size for i in short], self._batch_samples(batch_seconds),
                               self.bucket_samples):
       ids = [short[j] for j in batch]
       logits, frame_pad = jax.device_get(self._run_utterances([prepared[i] for i in ids]))
@@ -346,7 +310,7 @@ class Recognizer:
       logits = self._chunk_logits_prepared(prepared[i], chunk_seconds, overlap_seconds, batch_seconds)
       texts[i] = self.decode_frames(logits, beam_width=beam_width, lm_path=lm_path, alpha=alpha, beta=beta)
     short = [i for i, t in enumerate(texts) if t is None]
-    for batch in plan_batches([prepared[i].size for i in short], self._batch_samples(batch_seconds),
+    for batch in batching.plan_padded_batches([prepared[i].size for i in short], self._batch_samples(batch_seconds),
                               self.bucket_samples):
       ids = [short[j] for j in batch]
       logits, frame_pad = self._run_utterances([prepared[i] for i in ids])
@@ -400,7 +364,7 @@ class Recognizer:
                              batch_seconds: float) -> np.ndarray:
     layout = self._chunk_layout(audio.size, chunk_seconds, overlap_seconds)
     pieces: list[np.ndarray | None] = [None] * len(layout)
-    plan = plan_batches([e - s for s, e, _, _ in layout], self._batch_samples(batch_seconds),
+    plan = batching.plan_padded_batches([e - s for s, e, _, _ in layout], self._batch_samples(batch_seconds),
                         self.bucket_samples)
     for batch in plan:
       logits, _ = jax.device_get(self._run_utterances([audio[layout[i][0]:layout[i][1]] for i in batch]))
@@ -449,303 +413,3 @@ class Recognizer:
     words = decode.word_alignment(logits[None], pad, self.vocab, frame_seconds=self.frame_seconds)[0]
     return [{"word": w, "start": round(offset_seconds + a, 3), "end": round(offset_seconds + b, 3)}
             for w, a, b in words]
-
-
-# ========================================================================================= export
-
-def export_hf(model_config: Any, params: Mapping[str, Any], vocab: Vocabulary, out_dir: str, *,
-              normalize: bool = False) -> str:
-  """Writes a complete Hugging Face Wav2Vec2ForCTC directory that `Recognizer.load` and transformers'
-  `pipeline("automatic-speech-recognition", model=out_dir)` both read.
-
-  config.json + model.safetensors (`convert.to_hf`), vocab.json (`Vocabulary.to_hf_vocab`), and,
-  written directly (transformers is not needed), tokenizer_config.json (Wav2Vec2CTCTokenizer: blank as
-  pad_token, word delimiter, unk) and preprocessor_config.json (Wav2Vec2FeatureExtractor: 16 kHz,
-  do_normalize=`normalize`, the data.normalize the model was fine-tuned with). Returns out_dir.
-  """
-  cfg = ModelConfig.from_any(model_config)
-  convert.to_hf(cfg, params, out_dir)
-  vocab.to_hf_vocab(out_dir)
-  specials = {name: (tok if tok in vocab.symbols else None)
-              for name, tok in (("bos_token", "<s>"), ("eos_token", "</s>"))}
-  tokenizer = {
-      "tokenizer_class": "Wav2Vec2CTCTokenizer",
-      "processor_class": "Wav2Vec2Processor",
-      "pad_token": vocab.blank,
-      "unk_token": vocab.unk,
-      "word_delimiter_token": vocab.word_delimiter,
-      "do_lower_case": False,
-      "replace_word_delimiter_char": " ",
-      **specials,
-  }
-  feature_extractor = {
-      "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-      "processor_class": "Wav2Vec2Processor",
-      "feature_size": 1,
-      "sampling_rate": SAMPLE_RATE,
-      "padding_side": "right",
-      "padding_value": 0.0,
-      "do_normalize": bool(normalize),
-      # HF's convention: only layer-norm-extractor models are given an attention mask.
-      "return_attention_mask": cfg.extractor_mode == "layer_norm",
-  }
-  for name, content in (("tokenizer_config.json", tokenizer), (PREPROCESSOR_CONFIG, feature_extractor)):
-    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-      json.dump(content, f, indent=2, sort_keys=True)
-      f.write("\n")
-  return out_dir
-
-
-# ========================================================================================= evaluation
-
-def open_labeled_source(manifest: str, label: str | None = None) -> ManifestSource:
-  """A ManifestSource with transcripts: `label` "wrd" or "ltr", or None for "wrd" if the manifest has
-  a .wrd file next to it, else "ltr". Raises ValueError if it has neither."""
-  source = ManifestSource(manifest)
-  available = source.manifest.labels
-  if label is None:
-    label = next((k for k in ("wrd", "ltr") if k in available), None)
-    if label is None:
-      stem = os.path.splitext(manifest)[0]
-      raise ValueError(f"{manifest}: no transcripts: expected {stem}.wrd or {stem}.ltr next to it")
-  return ManifestSource(source.manifest, label=label)
-
-
-def _reference(vocab: Vocabulary, label: str | None, label_key: str):
-  """(normalised reference words, None) or (None, (reason key, message)) for an unusable transcript."""
-  if label is None:
-    return None, ("text:missing", "no transcript")
-  words = text_lib.ltr_to_words(label) if label_key == "ltr" else label
-  ref = vocab.normalize(words)
-  _, status = vocab.encode_with_status(ref, on_oov="skip")
-  if not status.ok:
-    detail = f" (characters outside the vocabulary: {''.join(status.oov)!r})" if status.oov else ""
-    return None, (f"text:{status.reason}", f"{status.reason} transcript {label[:60]!r}{detail}")
-  return ref, None
-
-
-def evaluate(recognizer: Recognizer, source: Any, *, label: str | None = None,
-             batch_seconds: float = DEFAULT_BATCH_SECONDS, beam_width: int = 1, lm_path: str | None = None,
-             alpha: float = 0.5, beta: float = 1.5, chunk_seconds: float | None = None,
-             out_path: str | None = None, num_threads: int = 4, log_every: int = 50) -> dict[str, Any]:
-  """Word and character error rates of `recognizer` over every item of a labeled source.
-
-  Args:
-    source: a Source with transcripts (`ManifestSource(tsv, label="wrd"|"ltr")`; .ltr lines are turned
-      into words with `text.ltr_to_words`) or a manifest path (`open_labeled_source(path, label)`).
-    batch_seconds, beam_width, lm_path, alpha, beta, chunk_seconds: as `Recognizer.transcribe`.
-    out_path: if given, a TSV of id (the item's path), reference, hypothesis and error counts
-      (`evaluate.write_hypotheses`).
-    num_threads: audio decoding threads; the next batch is decoded while the model runs.
-
-  Items whose audio cannot be used (audio.AudioError) or whose reference is empty or has characters
-  outside the vocabulary (after `Vocabulary.normalize`) are skipped, each with a warning naming it.
-  References and hypotheses are compared after `Vocabulary.normalize`.
-
-  Returns:
-    dict: wer, cer (fractions; nan when no item could be evaluated), utterances (evaluated), skipped,
-    skipped_reasons ({"audio:<AudioError reason>" or "text:<empty|oov|missing>": count}),
-    utterances_per_second, audio_seconds, seconds (wall time), hypotheses_path (out_path or None).
-  """
-  if isinstance(source, (str, os.PathLike)):
-    source = open_labeled_source(os.fspath(source), label)
-  label_key = getattr(source, "label_key", None)
-  if label_key is None:
-    raise ValueError("evaluate needs a source with transcripts (ManifestSource(..., label='wrd'|'ltr'))")
-  vocab = recognizer.vocab
-  skipped: dict[str, int] = {}
-
-  def skip(index: int, why) -> None:
-    key, message = why
-    log.warning("skipping %s: %s", source.describe(index), message)
-    skipped[key] = skipped.get(key, 0) + 1
-
-  labels = getattr(getattr(source, "manifest", None), "labels", {}).get(label_key)
-  refs: dict[int, str] = {}
-  todo = []
-  for i in range(len(source)):
-    if labels is None:          # a Source without a label table: transcripts come with the audio
-      todo.append(i)
-      continue
-    ref, why = _reference(vocab, labels[i], label_key)
-    if ref is None:
-      skip(i, why)
-    else:
-      refs[i] = ref
-      todo.append(i)
-  sizes = np.asarray(source.sizes)
-  plan = plan_batches([int(sizes[i]) for i in todo], recognizer._batch_samples(batch_seconds),
-                      recognizer.bucket_samples)
-  plan = [[todo[j] for j in batch] for batch in plan]
-
-  def load(index):
-    try:
-      return source.load(index, sample_rate=recognizer.sample_rate, normalize=False)
-    except AudioError as e:
-      return e
-
-  hyps: dict[int, str] = {}
-  audio_samples = 0
-  started = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(max(int(num_threads), 1)) as pool:
-    pending = [pool.submit(load, i) for i in plan[0]] if plan else []
-    for step, batch in enumerate(plan):
-      loaded = [f.result() for f in pending]
-      pending = [pool.submit(load, i) for i in plan[step + 1]] if step + 1 < len(plan) else []
-      keep, audios = [], []
-      for index, item in zip(batch, loaded):
-        if isinstance(item, AudioError):
-          skip(index, (f"audio:{item.reason}", str(item)))
-          continue
-        if index not in refs:
-          ref, why = _reference(vocab, item.label, label_key)
-          if ref is None:
-            skip(index, why)
-            continue
-          refs[index] = ref
-        keep.append(index)
-        audios.append(item.audio)
-      if not keep:
-        continue
-      texts = recognizer.transcribe(audios, batch_seconds=batch_seconds, beam_width=beam_width,
-                                    lm_path=lm_path, alpha=alpha, beta=beta, chunk_seconds=chunk_seconds)
-      for index, text, audio in zip(keep, texts, audios):
-        hyps[index] = vocab.normalize(text)
-        audio_samples += audio.size
-      if log_every and (step + 1) % log_every == 0:
-        log.info("evaluated %d utterances (%d/%d batches)", len(hyps), step + 1, len(plan))
-  seconds = time.perf_counter() - started
-  order = sorted(hyps)
-  ref_list = [refs[i] for i in order]
-  hyp_list = [hyps[i] for i in order]
-  if order:
-    wer, cer = scoring.wer(ref_list, hyp_list), scoring.cer(ref_list, hyp_list)
-  else:
-    log.error("no utterance could be evaluated")
-    wer = cer = float("nan")
-  if out_path:
-    scoring.write_hypotheses(out_path, [source.describe(i) for i in order], ref_list, hyp_list)
-  n_skipped = sum(skipped.values())
-  result = {
-      "wer": wer,
-      "cer": cer,
-      "utterances": len(order),
-      "skipped": n_skipped,
-      "skipped_reasons": skipped,
-      "utterances_per_second": len(order) / seconds if seconds > 0 else float("inf"),
-      "audio_seconds": audio_samples / recognizer.sample_rate,
-      "seconds": seconds,
-      "hypotheses_path": out_path or None,
-  }
-  log.info("WER %.4f CER %.4f over %d utterances (%d skipped) in %.1f s", wer, cer, len(order), n_skipped,
-           seconds)
-  return result
-
-
-# ========================================================================================= commands
-
-def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
-  parser.add_argument("--lm", default=None, help="KenLM model (ARPA or binary) for beam search")
-  parser.add_argument("--alpha", type=float, default=0.5, help="LM weight")
-  parser.add_argument("--beta", type=float, default=1.5, help="word insertion bonus")
-  parser.add_argument("--batch-seconds", type=float, default=DEFAULT_BATCH_SECONDS,
-                      help="padded audio per forward pass")
-  parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                      help="normalise waveforms (default: as the checkpoint says)")
-
-
-def main_evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """`w2v2 evaluate --checkpoint CKPT --data MANIFEST.tsv [--label wrd|ltr] [--beam N --lm PATH --alpha A
-  --beta B] [--out hyps.tsv]`: prints WER, CER, utterances/s and skipped items; exits with status 1 if
-  no utterance could be evaluated. Returns the `evaluate` dict."""
-  parser = argparse.ArgumentParser(prog="w2v2 evaluate",
-                                   description="WER/CER of a CTC checkpoint on a labeled manifest.")
-  parser.add_argument("--checkpoint", required=True,
-                      help="Hugging Face directory, fine-tuning run directory (its export/), or fairseq .pt")
-  parser.add_argument("--data", required=True,
-                      help="manifest .tsv with a .wrd or .ltr file next to it, or tfds:SPLIT (e.g. "
-                           "tfds:test_clean; needs the tfds extra and a prepared --tfds-data-dir)")
-  parser.add_argument("--tfds-name", default="librispeech")
-  parser.add_argument("--tfds-data-dir", default=None)
-  parser.add_argument("--label", choices=("wrd", "ltr"), default=None, help="default: wrd if present")
-  parser.add_argument("--out", default=None, help="write per-utterance hypotheses (TSV) here")
-  parser.add_argument("--chunk-seconds", type=float, default=None,
-                      help="transcribe utterances longer than this in overlapping chunks")
-  _add_decoding_flags(parser)
-  args = parser.parse_args(argv)
-  recognizer = Recognizer.load(args.checkpoint, normalize=args.normalize)
-  if args.data.startswith("tfds:"):
-    from w2v2_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
-    source = TfdsSource(args.data[len("tfds:"):], name=args.tfds_name, data_dir=args.tfds_data_dir)
-  else:
-    source = open_labeled_source(args.data, args.label)
-  result = evaluate(recognizer, source, batch_seconds=args.batch_seconds, beam_width=args.beam,
-                    lm_path=args.lm, alpha=args.alpha, beta=args.beta, chunk_seconds=args.chunk_seconds,
-                    out_path=args.out)
-  print(f"WER {100 * result['wer']:.2f}%  CER {100 * result['cer']:.2f}%  "
-        f"utterances {result['utterances']}  skipped {result['skipped']}  "
-        f"{result['utterances_per_second']:.2f} utterances/s")
-  if result["skipped"]:
-    print("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(result["skipped_reasons"].items())))
-  if result["hypotheses_path"]:
-    print(f"hypotheses: {result['hypotheses_path']}")
-  if not result["utterances"]:
-    raise SystemExit("w2v2 evaluate: no utterance could be evaluated")
-  return result
-
-
-def main_transcribe(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  """`w2v2 transcribe FILE... [--checkpoint CKPT] [--json] [--chunk-seconds 30]`.
-
-  Prints `FILE<TAB>TRANSCRIPT`, one line per file, or with --json one JSON list of {"file", "text",
-  "duration", "words": [{"word", "start", "end"}]}. Files are decoded with `load_audio` (any rate or
-  channel count); ones longer than --chunk-seconds are transcribed in overlapping chunks. A file that
-  cannot be read is reported (an "error" entry in JSON) and the command exits with status 1 at the end.
-  --checkpoint defaults to $W2V2_CHECKPOINT. Returns the per-file results.
-  """
-  parser = argparse.ArgumentParser(prog="w2v2 transcribe", description="Transcribe audio files.")
-  parser.add_argument("files", nargs="+", help="audio files (any format soundfile or librosa reads)")
-  parser.add_argument("--checkpoint", default=os.environ.get("W2V2_CHECKPOINT"),
-                      help="Hugging Face directory, fine-tuning run directory (its export/), or fairseq .pt "
-                           "(default: $W2V2_CHECKPOINT)")
-  parser.add_argument("--json", action="store_true", help="print JSON with word timings")
-  parser.add_argument("--chunk-seconds", type=float, default=30.0,
-                      help="transcribe longer files in chunks of this length")
-  parser.add_argument("--overlap-seconds", type=float, default=2.0, help="overlap between chunks")
-  _add_decoding_flags(parser)
-  args = parser.parse_args(argv)
-  if not args.checkpoint:
-    parser.error("no checkpoint: pass --checkpoint or set W2V2_CHECKPOINT")
-  recognizer = Recognizer.load(args.checkpoint, normalize=args.normalize)
-  results: list[dict[str, Any]] = []
-  audios, readable = [], []
-  for path in args.files:
-    try:
-      audios.append(load_audio(path, recognizer.sample_rate))
-      readable.append(len(results))
-      results.append({"file": path})
-    except AudioError as e:
-      log.error("cannot transcribe %s", e)
-      results.append({"file": path, "error": str(e)})
-  decoding = {"beam_width": args.beam, "lm_path": args.lm, "alpha": args.alpha, "beta": args.beta}
-  if args.json:
-    frame_logits = recognizer.utterance_logits(audios, batch_seconds=args.batch_seconds,
-                                               chunk_seconds=args.chunk_seconds,
-                                               overlap_seconds=args.overlap_seconds)
-    for slot, audio, logits in zip(readable, audios, frame_logits):
-      results[slot].update(text=recognizer.decode_frames(logits, **decoding),
-                           duration=round(audio.size / recognizer.sample_rate, 3),
-                           words=recognizer.word_timings(logits))
-    print(json.dumps(results, indent=2, ensure_ascii=False))
-  else:
-    texts = recognizer.transcribe(audios, batch_seconds=args.batch_seconds, chunk_seconds=args.chunk_seconds,
-                                  overlap_seconds=args.overlap_seconds, **decoding)
-    for slot, text in zip(readable, texts):
-      results[slot]["text"] = text
-    for item in results:
-      if "text" in item:
-        print(f"{item['file']}\t{item['text']}")
-  if len(readable) < len(results):
-    raise SystemExit(f"w2v2 transcribe: {len(results) - len(readable)} file(s) could not be read")
-  return results

@@ -1,0 +1,49 @@
+"""w2v2_jax.evaluate and `w2v2 evaluate`: WER / CER over a manifest with bad items, against the rates of
+the recognizer's own transcripts; greedy and beam search."""
+import pytest
+import soundfile as sf
+
+from tiny_ctc import VOCAB, hf_model, noise, recognizer  # noqa: F401  (fixtures)
+from w2v2_jax import cli, scoring
+from w2v2_jax.data.audio import load_audio
+from w2v2_jax.evaluate import evaluate
+from w2v2_jax.recognizer import Recognizer
+
+
+def write_corpus(tmp_path):
+  """A manifest of 6 items: 4 good flac files, one missing file, one empty transcript."""
+  root = tmp_path / "audio"
+  root.mkdir()
+  audios = noise(2, 9000, 16000, 20000, 12000, 8000)
+  names = ["a.flac", "b.flac", "c.flac", "d.flac", "missing.flac", "e.flac"]
+  words = ["hello world", "A CAT", "THE   END", "TEA  TIME", "GONE", ""]
+  sizes = [9000, 16000, 20000, 12000, 5000, 8000]
+  for name, audio in zip(names[:4] + names[5:], audios):
+    sf.write(str(root / name), audio * 0.25, 16000)
+  (tmp_path / "test.tsv").write_text(str(root) + "\n" + "".join(f"{n}\t{s}\n" for n, s in zip(names, sizes)))
+  (tmp_path / "test.wrd").write_text("\n".join(words) + "\n")
+  good = [str(root / n) for n in names[:4]]
+  return str(tmp_path / "test.tsv"), good, [VOCAB.normalize(w) for w in words[:4]]
+
+
+def test_evaluate_skips_bad_items(recognizer, tmp_path, caplog, capsys, monkeypatch):
+  tsv, good, refs = write_corpus(tmp_path)
+  out = str(tmp_path / "hyps.tsv")
+  result = evaluate(recognizer, tsv, batch_seconds=2.0, out_path=out, num_threads=2)
+  assert result["utterances"] == 4 and result["skipped"] == 2
+  assert result["skipped_reasons"] == {"audio:missing": 1, "text:empty": 1}
+  assert "missing.flac" in caplog.text and "e.flac" in caplog.text
+  hyps = recognizer.transcribe([load_audio(p) for p in good])
+  assert result["wer"] == pytest.approx(scoring.wer(refs, hyps))
+  assert result["cer"] == pytest.approx(scoring.cer(refs, hyps))
+  assert result["utterances_per_second"] > 0 and result["hypotheses_path"] == out
+  with open(out) as f:
+    lines = f.read().splitlines()
+  assert len(lines) == 5 and lines[1].split("\t")[:3] == [good[0], refs[0], hyps[0]]
+  # The command, with beam search (the loaded checkpoint is the recognizer above).
+  monkeypatch.setattr(Recognizer, "load", classmethod(lambda cls, p, **kw: recognizer))
+  result = cli.main(["evaluate", "--checkpoint", "ckpt", "--data", tsv, "--beam", "4", "--batch-seconds", "2"])
+  printed = capsys.readouterr().out
+  assert "WER" in printed and "CER" in printed and "utterances 4" in printed and "skipped 2" in printed
+  beam = recognizer.transcribe([load_audio(p) for p in good], beam_width=4, batch_seconds=2.0)
+  assert result["wer"] == pytest.approx(scoring.wer(refs, beam))
