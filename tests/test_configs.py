@@ -77,3 +77,35 @@ def test_no_file_cites_documents_outside_the_repository():
                if needle in p.read_text(encoding="utf-8")]
   assert not offenders, offenders
   assert (root / "docs" / "recipe.md").is_file()
+
+
+def test_readme_layout_names_every_module_and_folder():
+  """README's layout section matches the tree: every package module, top-level folder and doc is named."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(ROOT)
+  readme = (root / "README.md").read_text(encoding="utf-8")
+  layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+  missing = [str(p.relative_to(root)) for p in sorted((root / "w2v2_jax").rglob("*.py"))
+             if p.name != "__init__.py" and p.name not in layout]
+  missing += [f"{d}/" for d in ("w2v2_jax/models", "w2v2_jax/data", "w2v2_jax/train", "w2v2_jax/configs",
+                                "w2v2_jax/corpus", "launch", "notebooks", "benchmarks", "docs", "tests")
+              if f"{d}/" not in layout]
+  missing += [p.name for p in (root / "docs").glob("*.md") if p.name not in layout]
+  missing += [p.name for p in (root / "launch").iterdir() if p.name not in layout]
+  missing += [p.name for p in (root / "benchmarks").glob("*.py") if p.name not in layout]
+  assert not missing, missing
+  for name in layout.split():                   # nothing named there that is gone
+    if name.endswith(".py") and "*" not in name:
+      assert list(root.rglob(name)), name
+
+
+def test_package_modules_are_small_or_say_why():
+  """No module above ~400 lines without a `Length:` reason in its docstring."""
+  import ast  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  long = []
+  for p in pathlib.Path(ROOT, "w2v2_jax").rglob("*.py"):
+    text = p.read_text(encoding="utf-8")
+    if text.count("\n") > 420 and "Length:" not in (ast.get_docstring(ast.parse(text)) or ""):
+      long.append(f"{p.name}: {text.count(chr(10))} lines")
+  assert not long, long

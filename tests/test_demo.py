@@ -1,13 +1,19 @@
-"""`w2v2 demo` end to end at a tiny scale: corpus -> pretrain -> fine-tune -> evaluate -> report, and resume.
+"""`w2v2 demo` end to end at a tiny scale: corpus -> pretrain -> fine-tune -> evaluate -> report, and resume;
+run from the built wheel installed in a fresh virtual environment, outside the checkout.
 
-The demo runs as a user runs it: the CLI in a fresh process on one CPU device (the suite's other tests
-see 8 fake devices), with run and corpus folders relative to the working directory, as `make demo`
-passes them."""
+The demo runs as a user runs it: the `w2v2` console script of the installed wheel, in a fresh process on
+one CPU device (the suite's other tests see 8 fake devices), in a working directory outside the
+checkout, with run and corpus folders relative to it, as `make demo` passes them. The wheel's
+dependencies come from this test environment's site-packages (PYTHONPATH: no network, and .pth files
+there, such as the checkout's editable install, are not read); w2v2_jax itself only from the wheel.
+"""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import jax
 import numpy as np
@@ -20,11 +26,40 @@ ARGS = ["--out", "run", "--corpus", "corpus", "--hours", "0.03", "--scale", str(
         "--labeled-minutes", "0.5", "--compare", "--low-minutes", "0.25"]
 
 
-def run_demo(cwd):
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOP_LEVEL_SKIP = {".git", ".venv", "build", "dist", "data", "runs", "w2v2_jax.egg-info", ".pytest_cache"}
+
+
+def _ignore(folder, names):
+  """What the wheel's source copy leaves out: the checkout's own runs, data and environments (top level
+  only: w2v2_jax/data is a package) and bytecode caches."""
+  top = os.path.abspath(folder) == ROOT
+  return {n for n in names if n == "__pycache__" or (top and n in TOP_LEVEL_SKIP)}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+  """(venv bin folder, environment): the wheel built from a copy of the checkout, installed with
+  --no-deps into a new venv."""
+  tmp = tmp_path_factory.mktemp("wheel")
+  src = tmp / "src"
+  shutil.copytree(ROOT, src, ignore=_ignore)
+  pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+  subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],
+                 check=True, capture_output=True, text=True, timeout=600)
+  (wheel,) = (tmp / "dist").glob("w2v2_jax-*.whl")
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp / "venv")], check=True, timeout=300)
+  subprocess.run(pip + ["--python", str(tmp / "venv" / "bin" / "python"), "install", "--no-deps", str(wheel)],
+                 check=True, capture_output=True, text=True, timeout=600)
   env = dict(os.environ)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
-  env["XLA_FLAGS"] = flags
-  proc = subprocess.run([sys.executable, "-m", "w2v2_jax.cli", "demo"] + ARGS, cwd=cwd, env=env,
+  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
+  env["PYTHONPATH"] = sysconfig.get_paths()["purelib"]
+  return tmp / "venv" / "bin", env
+
+
+def run_demo(cwd, installed):
+  bin_dir, env = installed
+  proc = subprocess.run([str(bin_dir / "w2v2"), "demo"] + ARGS, cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads((cwd / "run" / "report.json").read_text())
@@ -32,10 +67,27 @@ def run_demo(cwd):
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, installed):
   root = tmp_path_factory.mktemp("demo")
-  report, lines = run_demo(root)
+  report, lines = run_demo(root, installed)
   return root, report, lines
+
+
+def test_the_wheel_runs_outside_the_checkout(demo_run, installed):
+  """The installed package is the wheel's (not the checkout), and `w2v2 pretrain --config=pretrain:tiny`
+  (a packaged config, by name) trains a few updates on the demo's corpus."""
+  root, _, _ = demo_run
+  bin_dir, env = installed
+  where = subprocess.run([str(bin_dir / "python"), "-c", "import w2v2_jax; print(w2v2_jax.__file__)"], cwd=root,
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+  assert where.startswith(str(bin_dir.parent)) and not where.startswith(ROOT + os.sep), where
+  proc = subprocess.run([str(bin_dir / "w2v2"), "pretrain", "--config=pretrain:tiny", "--workdir=pt_tiny",
+                         "--config.data.train_manifest=corpus/train.tsv", "--config.train.steps=3",
+                         "--config.train.log_every=1", "--config.data.num_threads=1"],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  records = [json.loads(line) for line in (root / "pt_tiny" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
 
 
 def test_demo_report(demo_run):
@@ -108,12 +160,12 @@ def test_demo_compares_pretrained_with_random_initialisation(demo_run):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_resumes_without_retraining(demo_run):
+def test_demo_resumes_without_retraining(demo_run, installed):
   """A second run reuses the corpus and the finished checkpoints: no update is taken again."""
   root, report, _ = demo_run
   before = os.path.getmtime(root / "run" / "pretrain" / "metrics.jsonl")
   lm_before = os.path.getmtime(report["test_lm"]["lm"])
-  again, _ = run_demo(root)
+  again, _ = run_demo(root, installed)
   assert os.path.getmtime(root / "run" / "pretrain" / "metrics.jsonl") == before
   assert os.path.getmtime(report["test_lm"]["lm"]) == lm_before       # the cached LM is not rebuilt
   assert again["test"] == report["test"] and again["pretrain"] == report["pretrain"]

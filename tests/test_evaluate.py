@@ -42,7 +42,7 @@ def test_evaluate_skips_bad_items(recognizer, tmp_path, caplog, capsys, monkeypa
   assert len(lines) == 5 and lines[1].split("\t")[:3] == [good[0], refs[0], hyps[0]]
   # The command, with beam search (the loaded checkpoint is the recognizer above).
   monkeypatch.setattr(Recognizer, "load", classmethod(lambda cls, p, **kw: recognizer))
-  result = cli.main(["evaluate", "--checkpoint", "ckpt", "--data", tsv, "--beam", "4", "--batch-seconds", "2"])
+  result = cli.run(["evaluate", "--checkpoint", "ckpt", "--data", tsv, "--beam", "4", "--batch-seconds", "2"])
   printed = capsys.readouterr().out
   assert "WER" in printed and "CER" in printed and "utterances 4" in printed and "skipped 2" in printed
   beam = recognizer.transcribe([load_audio(p) for p in good], beam_width=4, batch_seconds=2.0)

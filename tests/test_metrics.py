@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from w2v2_jax.train import metrics as metrics_lib
-from w2v2_jax.train.metrics import Averager, MetricsWriter, format_eta
+from w2v2_jax.progress import format_eta
+from w2v2_jax.train.metrics import Averager, MetricsWriter
 
 
 class FakeClock:

@@ -6,6 +6,8 @@ a dash in a flag's name may stand for its underscore (`--batch-seconds` = `--bat
 configs are ml_collections config files: `--config=pretrain:base` names a packaged one
 (`w2v2_jax/configs/`), `--config=my_config.py:arg` a file of your own, and `--config.train.steps=1000`
 overrides a field. The CLI only wires flags to library functions.
+
+Length: every subcommand's flags live here, in one place, so that one style holds for all of them.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class Command:
   """A subcommand: usage (after `w2v2 NAME`), one-line purpose, its flags and what it runs.
 
   define(flag_values, argv) declares the flags (argv: where the config flag finds its overrides);
-  run(flag_values, positional_args) does the job and may return a result (`main` returns it);
+  run(flag_values, positional_args) does the job and may return a result (`run` returns it);
   positional: "none", "files" (one or more) or "src_out" (exactly two)."""
   usage: str
   purpose: str
@@ -398,8 +400,14 @@ class _DropChatter(logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
-def main(argv: Optional[List[str]] = None) -> Any:
-  """Runs `w2v2 SUBCOMMAND ...`; returns what the subcommand returns (for Python callers and tests)."""
+def main(argv: Optional[List[str]] = None) -> None:
+  """The `w2v2` console script: runs `w2v2 SUBCOMMAND ...` (argv: sys.argv[1:] by default). Returns
+  None, so that the script's exit status is 0 on success (`sys.exit(main())`)."""
+  run(argv)
+
+
+def run(argv: Optional[List[str]] = None) -> Any:
+  """Runs `w2v2 SUBCOMMAND ...` and returns what the subcommand returns (for Python callers and tests)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(usage())

@@ -20,6 +20,9 @@ Fields Hugging Face and fairseq do not carry keep ModelConfig's defaults: from H
 `require_same_masks`, `dtype`, `remat` and `scan_layers`; `to_hf` drops them. Params come back per layer
 (`layers_N`); `models.stack_layers` gives the scanned layout (`scan_layers=True`), and `to_hf` takes
 either.
+
+Length: one file (~700 lines) because both formats and both directions share one parameter-name table,
+one layout transform and one tree check; split, each part would reach into the others' private helpers.
 """
 from __future__ import annotations
 

@@ -1,13 +1,21 @@
-"""A one-line progress bar with rate and ETA, for jobs that count items (corpus synthesis)."""
+"""A one-line progress bar with rate and ETA, for jobs that count items (corpus synthesis), and the
+HH:MM:SS format of an ETA (also the training log's)."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Optional, TextIO
 
-from w2v2_jax.train.metrics import format_eta
+__all__ = ["ProgressBar", "format_eta"]
 
-__all__ = ["ProgressBar"]
+
+def format_eta(seconds: Optional[float]) -> str:
+  """Seconds -> 'HH:MM:SS' (hours not wrapped at 24); '--:--:--' when unknown."""
+  if seconds is None or not math.isfinite(seconds) or seconds < 0:
+    return "--:--:--"
+  s = int(round(seconds))
+  return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 class ProgressBar:

