@@ -1,4 +1,4 @@
-"""Tests for w2v2_jax.decode (greedy, beam search, LM, word times) and w2v2_jax.evaluate."""
+"""Tests for w2v2_jax.decode (greedy, beam search, LM, word times) and w2v2_jax.scoring (WER / CER)."""
 import itertools
 import math
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from w2v2_jax import decode, evaluate
+from w2v2_jax import decode, scoring
 from w2v2_jax.data.text import Vocabulary
 
 VOCAB = Vocabulary.default_letters()
@@ -234,32 +234,32 @@ def test_missing_lm_packages_raise_import_error(monkeypatch, arpa):
     decode.beam_search(lm_case(), VOCAB, backend="pyctcdecode")
 
 
-# -- evaluate --------------------------------------------------------------------------------------
+# -- scoring ---------------------------------------------------------------------------------------
 
 
 def test_wer_cer_hand_computed():
   refs = ["THE CAT SAT", "ON THE MAT", "HELLO"]
   hyps = ["THE CAT SAT", "ON A MAT TODAY", ""]
   # Utterance 2: 1 substitution + 1 insertion; utterance 3: 1 deletion. 3 edits / 7 words.
-  assert evaluate.wer(refs, hyps) == pytest.approx(3 / 7)
-  assert evaluate.utterance_errors(refs, hyps) == ([0, 2, 1], [3, 3, 1])
+  assert scoring.wer(refs, hyps) == pytest.approx(3 / 7)
+  assert scoring.utterance_errors(refs, hyps) == ([0, 2, 1], [3, 3, 1])
   # Characters (spaces count): "ON THE MAT" -> "ON A MAT TODAY": THE -> A is 2 deletions + 1
   # substitution, then " TODAY" 6 insertions = 9; "HELLO" -> "" 5 deletions. 14 / (11 + 10 + 5).
-  assert evaluate.utterance_errors(refs, hyps, "char") == ([0, 9, 5], [11, 10, 5])
-  assert evaluate.cer(refs, hyps) == pytest.approx(14 / 26)
-  assert evaluate.wer(["A  B "], [" A B"]) == 0.0  # whitespace runs do not count
-  assert evaluate.wer(["", "A"], ["X", "A"]) == 1.0  # empty reference: an insertion
-  assert evaluate.wer([""], [""]) == 0.0 and evaluate.wer([""], ["A"]) == float("inf")
-  assert evaluate.wer([], []) == 0.0
+  assert scoring.utterance_errors(refs, hyps, "char") == ([0, 9, 5], [11, 10, 5])
+  assert scoring.cer(refs, hyps) == pytest.approx(14 / 26)
+  assert scoring.wer(["A  B "], [" A B"]) == 0.0  # whitespace runs do not count
+  assert scoring.wer(["", "A"], ["X", "A"]) == 1.0  # empty reference: an insertion
+  assert scoring.wer([""], [""]) == 0.0 and scoring.wer([""], ["A"]) == float("inf")
+  assert scoring.wer([], []) == 0.0
   with pytest.raises(ValueError, match="hypotheses"):
-    evaluate.wer(["A"], [])
+    scoring.wer(["A"], [])
 
 
 def test_write_hypotheses(tmp_path):
   path = tmp_path / "out" / "hyp.tsv"
-  summary = evaluate.write_hypotheses(str(path), ["u1", "u2"], ["THE CAT", "A\tB"], ["THE BAT", "A B"])
+  summary = scoring.write_hypotheses(str(path), ["u1", "u2"], ["THE CAT", "A\tB"], ["THE BAT", "A B"])
   lines = path.read_text().splitlines()
-  assert lines[0].split("\t") == list(evaluate.HYPOTHESES_HEADER)
+  assert lines[0].split("\t") == list(scoring.HYPOTHESES_HEADER)
   assert lines[1].split("\t") == ["u1", "THE CAT", "THE BAT", "1", "2", "1", "7"]
   assert lines[2].split("\t") == ["u2", "A B", "A B", "0", "2", "0", "3"]
   assert summary["wer"] == pytest.approx(1 / 4) and summary["ref_words"] == 4

@@ -87,7 +87,7 @@ def test_the_wheel_runs_outside_the_checkout(demo_run, installed):
                         cwd=root, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   records = [json.loads(line) for line in (root / "pt_tiny" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
+  assert records and records[-1]["step"] == 3 and all(np.isfinite(r["loss"]) for r in records)
 
 
 def test_demo_report(demo_run):
