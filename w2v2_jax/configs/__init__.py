@@ -35,7 +35,6 @@ def resolve(spec: str) -> str:
 
 def get(name: str, arg: str | None = None) -> Any:
   """`get_config(arg)` of a packaged config, e.g. get("finetune", "small_1h")."""
-  if name not in NAMES:
-    raise ValueError(f"unknown packaged config {name!r}; choose one of {', '.join(NAMES)}")
+  path(name)     # the name check
   module = importlib.import_module(f"w2v2_jax.configs.{name}")
   return module.get_config() if arg is None else module.get_config(arg)

@@ -51,6 +51,7 @@ class Validator:
     self.bucket_samples = max(int(bucket_samples), cfg.receptive_field)
     budget = max(int(batch_seconds * SAMPLE_RATE), 1)
     self.plan = labeled.padded_batches(self.source, self.refs.todo, budget, self.bucket_samples)
+    self.shares = [self._share(batch) for batch in self.plan]   # fixed by the plan: computed once
     module = models.build(cfg)
 
     def forward(params, rows):
@@ -71,7 +72,7 @@ class Validator:
     except AudioError as e:
       return e
 
-  def _mine(self, batch):
+  def _share(self, batch):
     """lo, hi (this process's global rows of `batch`) and its [(row, index)] (dummy rows are nobody's)."""
     lo, hi = batching.host_slice(self._rows(batch), self.process_index, self.process_count)
     return lo, hi, [(r, batch[r]) for r in range(lo, min(hi, len(batch)))]
@@ -80,9 +81,9 @@ class Validator:
     """Scores the params of `state` (as the step holds it). Returns wer, cer, utterances, skipped."""
     hyps: Dict[int, str] = {}
     skipped = dict(self.refs.skipped)
-    mine = [[index for _, index in self._mine(batch)[2]] for batch in self.plan]
-    for batch, (_, loaded) in zip(self.plan, labeled.load_ahead(self._load, mine, self.num_threads)):
-      lo, hi, rows = self._mine(batch)
+    mine = [[index for _, index in rows] for _, _, rows in self.shares]
+    loading = labeled.load_ahead(self._load, mine, self.num_threads)
+    for batch, (lo, hi, rows), (_, loaded) in zip(self.plan, self.shares, loading):
       length = batching.padded_length(max(int(self.source.sizes[i]) for i in batch), self.bucket_samples)
       audio = np.zeros((hi - lo, length), np.float32)
       padding = np.ones((hi - lo, length), bool)
