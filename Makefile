@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-test
 # The offline TTS corpus (w2v2 make-corpus) needs these Debian packages; `corpus-deps` installs them.
 TTS_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox bible-kjv
 
-.PHONY: install corpus-deps test demo bench clean
+.PHONY: install corpus-deps test-deps test demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,21 +23,29 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-corpus-deps:
+# apt_install PROGRAMS PACKAGES WHY: install the Debian packages when a program is missing (root or sudo -n).
+define apt_install
 	@missing=""; \
-	for prog in espeak-ng flite text2wave sox bible; do command -v $$prog >/dev/null || missing="$$missing $$prog"; done; \
-	[ -e /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || missing="$$missing festvox-us-slt-hts"; \
+	for prog in $(1); do command -v $$prog >/dev/null || missing="$$missing $$prog"; done; \
+	$(if $(4),[ -e $(4) ] || missing="$$missing $(4)";) \
 	if [ -n "$$missing" ]; then \
-	  echo "corpus-deps: missing$$missing; installing $(TTS_PACKAGES) with apt-get"; \
+	  echo "$(3): missing$$missing; installing $(2) with apt-get"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(TTS_PACKAGES) >/dev/null; } || { \
-	    echo "corpus-deps: could not install the TTS engines (needs apt-get and root or passwordless sudo)."; \
-	    echo "Install these Debian/Ubuntu packages by hand: $(TTS_PACKAGES)"; \
-	    echo "(on other systems: espeak-ng, flite, festival with the kal/ked/slt voices, sox; and bible-kjv or --text=FILE)"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(2) >/dev/null; } || { \
+	    echo "$(3): could not install $(2) (needs apt-get and root or passwordless sudo)."; \
+	    echo "Install these Debian/Ubuntu packages by hand: $(2)"; \
 	    exit 1; }; \
 	fi
+endef
 
-test: $(STAMP) corpus-deps
+corpus-deps:
+	$(call apt_install,espeak-ng flite text2wave sox bible,$(TTS_PACKAGES),corpus-deps,/usr/share/festival/voices/us/cmu_us_slt_arctic_hts)
+
+# The tests run the audio fallback decoder (librosa -> audioread -> ffmpeg) for real, as on Colab.
+test-deps:
+	$(call apt_install,ffmpeg,ffmpeg,test-deps)
+
+test: $(STAMP) corpus-deps test-deps
 	$(PY) -m pytest -n 2 --dist loadfile -q
 
 bench: $(STAMP)

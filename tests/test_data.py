@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -78,22 +80,78 @@ def test_load_audio_librosa_fallback(tmp_path, monkeypatch):
 def test_damaged_file_of_a_known_format_is_not_half_decoded_by_the_fallback(tmp_path, monkeypatch):
   """A truncated FLAC: libsndfile parses its header but fails on the frames. The fallback decoder
   (librosa -> audioread -> ffmpeg where installed) would return the frames before the cut without an
-  error; the file must be reported, never trained on as a shorter utterance."""
+  error; the file must be reported as truncated, never trained on as a shorter utterance, and the
+  fallback is not even asked (this holds with and without ffmpeg on the machine)."""
   import librosa
   path = str(tmp_path / "cut.flac")
   sf.write(path, np.random.default_rng(0).uniform(-.5, .5, 16000), 16000)
   truncate(path)
   calls = []
+  real_load = librosa.load
 
-  def partial(*args, **kwargs):         # what ffmpeg gives for this file
+  def spy(*args, **kwargs):
     calls.append(args)
-    return np.zeros(4096, np.float32), 16000
+    return real_load(*args, **kwargs)
 
-  monkeypatch.setattr(librosa, "load", partial)
-  with pytest.raises(AudioError) as err:
-    audio.load_audio(path)
-  assert err.value.reason == "undecodable" and "FLAC header declares 16000 frames" in str(err.value)
-  assert path in str(err.value) and not calls
+  monkeypatch.setattr(librosa, "load", spy)
+  for source in (path, open(path, "rb").read()):
+    with pytest.raises(AudioError) as err:
+      audio.load_audio_with_info(source, name=path)
+    assert err.value.reason == "truncated" and "of the 16000 frames its FLAC header declares" in str(err.value)
+    decoded = int(str(err.value).split("decoded ")[1].split(" ")[0])
+    assert 0 < decoded < 16000 and path in str(err.value)
+  assert not calls
+
+
+FFMPEG = shutil.which("ffmpeg")
+needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is not installed (`make test` installs it)")
+
+
+def write_adts(path, seconds, rate=16000):
+  """An AAC (ADTS) file made by ffmpeg: a format libsndfile does not know, which the fallback decodes."""
+  subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                  f"sine=frequency=440:duration={seconds}:sample_rate={rate}", "-c:a", "aac", "-f", "adts",
+                  "-y", path], check=True)
+
+
+@needs_ffmpeg
+def test_fallback_decoder_through_ffmpeg(tmp_path):
+  """With ffmpeg installed, librosa (audioread) decodes what libsndfile cannot; a file cut short in such
+  a format decodes without an error, and only a length to compare with can catch it (the pipeline's
+  manifest check, below)."""
+  path = str(tmp_path / "tone.aac")
+  write_adts(path, 1)
+  x, info = audio.load_audio_with_info(path)
+  assert info.orig_sample_rate == 16000 and 16000 <= x.size < 18000   # AAC adds encoder padding
+  assert abs(peak_hz(x, 16000) - 440) < 5
+  truncate(path)
+  cut, _ = audio.load_audio_with_info(path)
+  assert 0 < cut.size < 12000
+
+
+def test_pipeline_counts_a_decoded_length_short_of_the_manifest_as_truncated(tmp_path, caplog):
+  """Whatever decoder decoded it, a file shorter than its manifest size is `truncated`, never used; a
+  manifest of the file's own frames at another rate (fairseq's) is not mistaken for that."""
+  d = str(tmp_path)
+  tone_file(os.path.join(d, "whole.wav"), 1, 6400)
+  tone_file(os.path.join(d, "short.wav"), 2, 4000)             # the manifest says 6400
+  tone_file(os.path.join(d, "low.wav"), 3, 6400, rate=8000)      # own frames: 6400 at 8 kHz
+  tone_file(os.path.join(d, "low16.wav"), 4, 3200, rate=8000)    # 16 kHz samples: 6400
+  names = ["whole.wav", "short.wav", "low.wav", "low16.wav"]
+  if FFMPEG:
+    write_adts(os.path.join(d, "cut.aac"), 1)
+    truncate(os.path.join(d, "cut.aac"))
+    names.append("cut.aac")
+  sizes = np.array([6400, 6400, 6400, 6400, 16000][:len(names)])
+  kw = dict(ONE_BUCKET, buckets=(3200,), batch_samples=len(names) * 3200, min_sample_size=3200, multiple_of=1)
+  it = pipeline.make_iterator(manifest.Manifest(d, names, sizes), epochs=1, num_threads=0, **kw)
+  batches = collect(it)
+  assert len(batches) == 1
+  assert it.totals["truncated"] == len(names) - 3 and it.totals["too_short"] == 0
+  assert {utterance_of(r) for r in batches[0]["audio"][0]} == {1, 3, 4}
+  assert "short.wav: truncated (decoded 4000 samples; the source says 6400)" in caplog.text
+  if FFMPEG:
+    assert "cut.aac: truncated" in caplog.text
 
 
 def write_bad_files(d):
@@ -122,7 +180,7 @@ def write_bad_files(d):
 
 EXPECTED_REASON = {"missing": "missing", "empty": "empty", "empty_frames": "empty",
                    "undecodable": "undecodable", "truncated": "truncated",
-                   "truncated_flac": "undecodable", "non_finite": "non_finite"}
+                   "truncated_flac": "truncated", "non_finite": "non_finite"}
 
 
 def test_load_audio_bad_files_raise_audio_error(tmp_path):
@@ -329,7 +387,7 @@ def build_corpus(d, num_good=25, bucket=3200, labels=False):
   for kind in ("missing", "empty", "truncated", "non_finite"):
     kinds[len(lines)] = kind
     lines.append((os.path.basename(bad[kind]), 2 * bucket))
-  kinds[len(lines)] = "too_short"
+  kinds[len(lines)] = "short"      # shorter than its manifest size: truncated
   tone_file(os.path.join(d, "short.wav"), 500, bucket // 4)
   lines.append(("short.wav", 2 * bucket))
   kinds[len(lines)] = "resampled"
@@ -349,7 +407,7 @@ def build_corpus(d, num_good=25, bucket=3200, labels=False):
 
 ONE_BUCKET = dict(buckets=(3200,), batch_samples=4 * 3200, min_sample_size=1600,
                   max_sample_size=12000, multiple_of=2, seed=11)
-BAD_KINDS = {"missing", "empty", "truncated", "non_finite", "too_short"}
+BAD_KINDS = {"missing", "empty", "truncated", "non_finite", "short"}
 
 
 def collect(it, n=None):
@@ -376,12 +434,13 @@ def test_pipeline_epoch_over_bad_files(tmp_path, caplog):
     used = {utterance_of(r) for r in batch["audio"][0]}
     assert used <= set(range(1, 26)) | {600, 700}  # only good utterances, bad rows replaced
   totals = it.totals
-  for kind in ("missing", "empty", "truncated", "non_finite", "too_short", "resampled", "downmixed"):
+  for kind in ("missing", "empty", "non_finite", "resampled", "downmixed"):
     assert totals[kind] == 1, kind
+  assert totals["truncated"] == 2 and totals["too_short"] == 0   # truncated.wav, short.wav
   assert totals["replaced"] == 5 - 4 * all_bad and totals["skipped_entries"] == all_bad
   assert totals == {k: sum(b["stats"][k] for b in batches) for k in pipeline.STAT_KEYS}
   for name, reason in [("missing.flac", "missing"), ("empty.wav", "empty"), ("nan.wav", "non_finite"),
-                       ("truncated.wav", "truncated"), ("short.wav", "too_short")]:
+                       ("truncated.wav", "truncated"), ("short.wav", "truncated")]:
     assert f"{name}: {reason}" in caplog.text, name
 
 
@@ -399,8 +458,8 @@ def test_pipeline_skips_micro_batches_without_usable_rows(tmp_path):
   it = pipeline.make_iterator(manifest.Manifest(m.root, paths, sizes), epochs=1, num_threads=0, **kw)
   batches = collect(it)
   assert sorted(b["audio"].shape for b in batches) == [(1, 4, 6400), (1, 8, 3200)]
-  expected = dict(pipeline.zero_stats(), missing=1, empty=1, truncated=1, non_finite=1, too_short=1,
-                  undecodable=2, replaced=3, skipped_entries=1)
+  expected = dict(pipeline.zero_stats(), missing=1, empty=1, truncated=3, non_finite=1, undecodable=1,
+                  replaced=3, skipped_entries=1)   # truncated: .wav, .flac and short.wav (7000 claimed)
   assert it.totals == expected
   six = next(b for b in batches if b["audio"].shape[-1] == 6400)
   assert {utterance_of(r) for r in six["audio"][0]} <= {1, 600, 700}

@@ -81,6 +81,25 @@ def test_transcribe_command_on_stereo_44k(recognizer, hf_model, tmp_path, capsys
   assert times == sorted(times) and 0 <= times[0] and times[-1] <= 1.3
 
 
+def test_transcribe_command_reports_unusable_files(recognizer, hf_model, tmp_path, capsys, monkeypatch, caplog):
+  """A file too short for one output frame and a truncated FLAC are reported by name, never printed as
+  (empty or partial) transcripts; the good file is still transcribed and the exit status says so."""
+  good, tiny, cut = (str(tmp_path / n) for n in ("good.wav", "tiny.wav", "cut.flac"))
+  rng = np.random.default_rng(4)
+  sf.write(good, 0.3 * rng.standard_normal(16000).astype(np.float32), 16000)
+  sf.write(tiny, 0.3 * rng.standard_normal(300).astype(np.float32), 16000)
+  sf.write(cut, 0.3 * rng.standard_normal(16000).astype(np.float32), 16000)
+  data = open(cut, "rb").read()
+  open(cut, "wb").write(data[:len(data) // 2])
+  monkeypatch.setattr(Recognizer, "load", classmethod(lambda cls, p, **kw: recognizer))
+  with pytest.raises(SystemExit, match="2 file"):
+    cli.main(["transcribe", good, tiny, cut, "--checkpoint", hf_model[1]])
+  out = capsys.readouterr().out.splitlines()
+  assert [line.split("\t")[0] for line in out] == [good]
+  assert f"{tiny}: too_short (300 samples; one output frame needs 400 (25 ms))" in caplog.text
+  assert f"{cut}: truncated (decoded" in caplog.text
+
+
 def test_transcribe_long_matches_one_pass(recognizer):
   audio = noise(4, 117000)[0]                      # 7.3 s, chunks of 2 s overlapping by 1 s
   # With the attention's output projection zeroed the model is local (conv stack, positional conv,

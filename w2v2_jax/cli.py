@@ -270,7 +270,12 @@ def _run_transcribe(fv: flags.FlagValues, files: List[str]) -> list:
   audios, readable = [], []
   for path in files:
     try:
-      audios.append(load_audio(path, recognizer.sample_rate))
+      audio = load_audio(path, recognizer.sample_rate)
+      field = recognizer.model_config.receptive_field
+      if audio.size < field:     # the conv encoder gives no output frame: an empty line would look like silence
+        raise AudioError(path, "too_short", f"{audio.size} samples; one output frame needs {field} "
+                         f"({1000 * field / recognizer.sample_rate:g} ms)")
+      audios.append(audio)
       readable.append(len(results))
       results.append({"file": path})
     except AudioError as e:

@@ -28,6 +28,7 @@ REASONS = (MISSING, EMPTY, UNDECODABLE, TRUNCATED, NON_FINITE)
 
 NORM_EPS = 1e-5  # as fairseq's F.layer_norm(wav, wav.shape)
 SAMPLE_RATE = 16000  # Hz: the rate every wav2vec 2.0 model takes
+SF_UNKNOWN_FRAMES = 2**62  # libsndfile reports a huge frame count when a stream's length is unknown
 
 
 class AudioError(ValueError):
@@ -136,7 +137,12 @@ def _decode(source: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
   A file in a format libsndfile knows (its header parses) but whose frames fail to decode is damaged:
   AudioError(UNDECODABLE), never a fallback decode of part of it."""
   try:
-    data, rate = sf.read(source, dtype="float32", always_2d=True)
+    with sf.SoundFile(source) as f:
+      declared, rate, fmt = f.frames, f.samplerate, f.format
+      data = f.read(dtype="float32", always_2d=True)
+    if data.shape[0] < declared < SF_UNKNOWN_FRAMES:
+      raise AudioError(name, TRUNCATED, f"decoded {data.shape[0]} of the {declared} frames its {fmt} header "
+                       "declares")
     return data, int(rate)
   except (sf.LibsndfileError, RuntimeError, TypeError) as sf_error:
     first = sf_error
@@ -147,11 +153,15 @@ def _decode(source: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
   except (sf.LibsndfileError, RuntimeError, TypeError):
     known = None
   if known is not None:
-    # libsndfile parsed the header (it knows the format and the frame count) but not the frames: a
+    # libsndfile parsed the header (it knows the format and the frame count) but not all the frames: a
     # damaged file. Another decoder (librosa -> audioread -> ffmpeg, where installed) would return the
     # frames before the damage without an error, and a cut utterance would pass for a whole one.
-    raise AudioError(name, UNDECODABLE, f"{known.format} header declares {known.frames} frames, which "
-                     f"libsndfile cannot decode: {first}")
+    if hasattr(source, "seek"):
+      source.seek(0)
+    decoded = _decodable_frames(source)
+    reason = TRUNCATED if decoded > 0 else UNDECODABLE
+    raise AudioError(name, reason, f"decoded {decoded} of the {known.frames} frames its {known.format} "
+                     f"header declares, then: {first}")
   if hasattr(source, "seek"):
     source.seek(0)
   try:
@@ -161,6 +171,21 @@ def _decode(source: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
     raise AudioError(name, UNDECODABLE, f"soundfile: {first}; librosa: {type(e).__name__}: {e}") from e
   data = np.asarray(data, np.float32)
   return (data[:, None] if data.ndim == 1 else data.T), int(rate)
+
+
+def _decodable_frames(source: str | BinaryIO, block: int = 256) -> int:
+  """Frames libsndfile decodes from the start of `source` before its first error, read in blocks of
+  `block` (a lower bound: the block that fails is not counted)."""
+  count = 0
+  try:
+    with sf.SoundFile(source) as f:
+      while True:
+        got = f.read(block, dtype="float32", always_2d=True).shape[0]
+        if got == 0:
+          return count
+        count += got
+  except (sf.LibsndfileError, RuntimeError, TypeError):
+    return count
 
 
 def _check_wav_complete(path: str, name: str) -> None:

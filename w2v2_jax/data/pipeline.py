@@ -187,7 +187,7 @@ class _LoadEntry:
     except audio_lib.AudioError as e:
       return _Row(reason=e.reason, detail=f"{e.reason} ({e.detail})" if e.detail else e.reason)
     audio, n = ex.audio, int(ex.audio.shape[0])
-    problem = self._length_problem(n, length)
+    problem = self._short_of_record(n, index, ex.info) or self._length_problem(n, length)
     if problem is not None:
       return _Row(info=ex.info, reason=problem[0], detail=problem[1])
     if self._augment is not None:
@@ -198,6 +198,19 @@ class _LoadEntry:
       off = batching.crop_offset(args.seed, epoch, index, n, length)
       return _Row(audio[off:off + length], length, ex.label, ex.info)
     return _Row(audio, n, ex.label, ex.info)
+
+  def _short_of_record(self, n: int, index: int, info: audio_lib.AudioInfo) -> tuple[str, str] | None:
+    """("truncated", detail) when the decoder returned fewer samples than the source's size says.
+
+    The size may count samples at the pipeline's rate (`w2v2 manifest` writes those) or, for a file at
+    another rate, its own frames (fairseq's manifests); one sample of resampling rounding is allowed."""
+    declared = int(self._source.sizes[index])
+    readings = [declared]
+    if info.resampled:
+      readings.append(audio_lib.resampled_length(declared, info.orig_sample_rate, self._sample_rate))
+    if n + 1 < min(readings):
+      return audio_lib.TRUNCATED, f"truncated (decoded {n} samples; the source says {declared})"
+    return None
 
   def _length_problem(self, n: int, length: int) -> tuple[str, str] | None:
     """(reason, detail) when an utterance of n samples cannot fill a row of `length` (crop: shorter than
