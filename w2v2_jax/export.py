@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from w2v2_jax import convert
+from w2v2_jax import convert, storage
 from w2v2_jax.data.audio import SAMPLE_RATE
 from w2v2_jax.data.text import Vocabulary
 from w2v2_jax.models import ModelConfig
@@ -30,6 +31,11 @@ def export_hf(model_config: Any, params: Mapping[str, Any], vocab: Vocabulary, o
   do_normalize=`normalize`, the data.normalize the model was fine-tuned with). Returns out_dir.
   """
   cfg = ModelConfig.from_any(model_config)
+  if storage.is_remote(out_dir):          # written locally, then uploaded file by file
+    with tempfile.TemporaryDirectory(prefix="w2v2_export_") as local:
+      export_hf(cfg, params, vocab, local, normalize=normalize)
+      storage.upload_dir(local, out_dir)
+    return out_dir
   convert.to_hf(cfg, params, out_dir)
   vocab.to_hf_vocab(out_dir)
   specials = {name: (tok if tok in vocab.symbols else None)

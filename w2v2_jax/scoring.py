@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import jiwer
 
+from w2v2_jax import storage
+
 log = logging.getLogger(__name__)
 
 HYPOTHESES_HEADER = ("id", "reference", "hypothesis", "word_errors", "ref_words", "char_errors",
@@ -91,12 +93,10 @@ def write_hypotheses(path: str, ids: Sequence[str], refs: Sequence[str], hyps: S
     raise ValueError(f"{len(ids)} ids but {len(refs)} references")
   w_err, w_len = utterance_errors(refs, hyps, "word")
   c_err, c_len = utterance_errors(refs, hyps, "char")
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\t".join(HYPOTHESES_HEADER) + "\n")
-    for row in zip(ids, refs, hyps, w_err, w_len, c_err, c_len):
-      f.write("\t".join([_clean(x) for x in row[:3]] + [str(x) for x in row[3:]]) + "\n")
+  lines = ["\t".join(HYPOTHESES_HEADER)]
+  for row in zip(ids, refs, hyps, w_err, w_len, c_err, c_len):
+    lines.append("\t".join([_clean(x) for x in row[:3]] + [str(x) for x in row[3:]]))
+  storage.write_text(path, "\n".join(lines) + "\n")     # a local file or an object (gs://...)
   summary = {
     "wer": _rate(w_err, w_len),
     "cer": _rate(c_err, c_len),

@@ -16,6 +16,8 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf
 
+from w2v2_jax import storage
+
 log = logging.getLogger(__name__)
 
 # Reasons an utterance cannot be used; `AudioError.reason` is one of these.
@@ -99,24 +101,35 @@ def prepare_waveform(data: np.ndarray, orig_sample_rate: int, *, sample_rate: in
 def load_audio_with_info(source: str | os.PathLike | bytes, sample_rate: int = 16000,
                          normalize: bool = False, *, name: str | None = None
                          ) -> tuple[np.ndarray, AudioInfo]:
-  """Decode a file path (or encoded bytes) -> (mono float32 (samples,) at `sample_rate` Hz, AudioInfo).
+  """Decode a file path, an object URL (gs://, s3://) or encoded bytes -> (mono float32 (samples,) at
+  `sample_rate` Hz, AudioInfo).
 
   Raises AudioError naming the file for: missing, empty (0 bytes or 0 samples), undecodable,
   truncated (a WAV whose data chunk is shorter than its header says) and non-finite samples.
   """
+  if not isinstance(source, bytes) and storage.is_remote(source):
+    name = name or os.fspath(source)
+    try:
+      source = storage.read_bytes(source)
+    except FileNotFoundError:
+      raise AudioError(name, MISSING, "no such object") from None
   if isinstance(source, bytes):
     name = name or "<bytes>"
     if not source:
       raise AudioError(name, EMPTY, "0 bytes")
-    data, rate = _decode(io.BytesIO(source), name)
+    stream = io.BytesIO(source)
+    _check_wav_complete(stream, len(source), name)
+    data, rate = _decode(stream, name)
   else:
     path = os.fspath(source)
     name = name or path
     if not os.path.isfile(path):
       raise AudioError(name, MISSING, "no such file")
-    if os.path.getsize(path) == 0:
+    size = os.path.getsize(path)
+    if size == 0:
       raise AudioError(name, EMPTY, "0 bytes")
-    _check_wav_complete(path, name)
+    with open(path, "rb") as f:
+      _check_wav_complete(f, size, name)
     data, rate = _decode(path, name)
   return prepare_waveform(data, rate, sample_rate=sample_rate, normalize=normalize, name=name)
 
@@ -188,17 +201,18 @@ def _decodable_frames(source: str | BinaryIO, block: int = 256) -> int:
     return count
 
 
-def _check_wav_complete(path: str, name: str) -> None:
+def _check_wav_complete(f: BinaryIO, size: int, name: str) -> None:
   """Raise AudioError(TRUNCATED) when a RIFF/WAVE file's data chunk runs past the end of the file.
 
+  f: the file (or bytes) opened for binary reading, `size` bytes long; left at offset 0.
   libsndfile silently returns the frames that are present; this header check makes truncation
   visible. Streamed WAVs (data size 0 or 0xFFFFFFFF) and non-RIFF files pass unchecked.
   """
-  with open(path, "rb") as f:
+  try:
+    f.seek(0)
     head = f.read(12)
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
       return
-    size = os.fstat(f.fileno()).st_size
     pos = 12
     while pos + 8 <= size:
       f.seek(pos)
@@ -211,6 +225,8 @@ def _check_wav_complete(path: str, name: str) -> None:
           raise AudioError(name, TRUNCATED, f"data chunk declares {chunk_size} bytes, file holds {available}")
         return
       pos += 8 + chunk_size + (chunk_size & 1)
+  finally:
+    f.seek(0)
 
 
 def _fix_length(audio: np.ndarray, length: int) -> np.ndarray:

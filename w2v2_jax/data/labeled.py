@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from w2v2_jax import storage
 from w2v2_jax.data import batching
 from w2v2_jax.data import text as text_lib
 from w2v2_jax.data.source import ManifestSource
@@ -34,7 +35,7 @@ def open_labeled_source(manifest: str, label: str | None = None) -> ManifestSour
   if label is None:
     label = next((k for k in ("wrd", "ltr") if k in available), None)
     if label is None:
-      stem = os.path.splitext(manifest)[0]
+      stem = storage.splitext(manifest)[0]
       raise ValueError(f"{manifest}: no transcripts: expected {stem}.wrd or {stem}.ltr next to it")
   return ManifestSource(source.manifest, label=label)
 

@@ -1,4 +1,4 @@
-"""fairseq-style audio manifests: `train.tsv` / `valid.tsv`, the root directory on the first line,
+"""fairseq-style audio manifests: `train.tsv` / `valid.tsv`, the root directory (or URL) on the first line,
 then one `relative/path<TAB>num_samples` line per utterance. Optional label files next to a manifest
 (`train.ltr` letters, `train.wrd` words) hold one transcript per utterance, in the same order.
 """
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import soundfile as sf
 
+from w2v2_jax import storage
 from w2v2_jax.data.audio import resampled_length
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ class Manifest:
     return len(self.paths)
 
   def path(self, index: int) -> str:
-    """Full path of utterance `index`."""
-    return os.path.join(self.root, self.paths[index])
+    """Full path (or URL) of utterance `index`."""
+    return storage.join(self.root, self.paths[index])
 
 
 def write_manifest(root: str, out_dir: str, valid_percent: float = 0.01,
@@ -45,6 +46,7 @@ def write_manifest(root: str, out_dir: str, valid_percent: float = 0.01,
                    sample_rate: int | None = 16000, num_threads: int = 8) -> dict[str, int]:
   """Scan `root` recursively for audio and write `train.tsv` (and `valid.tsv` if valid_percent > 0).
 
+  `root` and `out_dir` may be local or object-store URLs (gs://, s3://; see `storage`).
   Only headers are read (soundfile.info). Files are sorted by relative path and each goes to valid
   with probability `valid_percent` (a fraction, 0.01 = 1%) from np.random.default_rng(seed): the
   split is deterministic and disjoint. Sizes are in samples at `sample_rate` Hz, i.e. the length
@@ -56,21 +58,16 @@ def write_manifest(root: str, out_dir: str, valid_percent: float = 0.01,
   """
   if not 0.0 <= valid_percent <= 1.0:
     raise ValueError(f"valid_percent must be a fraction in [0, 1], got {valid_percent}")
-  root = os.path.realpath(root)
-  if not os.path.isdir(root):
+  if not storage.is_remote(root):
+    root = os.path.realpath(root)
+  if not storage.isdir(root):
     raise FileNotFoundError(f"manifest root {root} is not a directory")
   suffixes = tuple("." + e.lower().lstrip(".") for e in exts)
-  rel_paths = []
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames.sort()
-    for fname in filenames:
-      if fname.lower().endswith(suffixes):
-        rel_paths.append(os.path.relpath(os.path.join(dirpath, fname), root))
-  rel_paths.sort()
+  rel_paths = sorted(rel for rel in storage.walk_files(root) if rel.lower().endswith(suffixes))
 
   draws = np.random.default_rng(seed).random(len(rel_paths))
   with concurrent.futures.ThreadPoolExecutor(max(num_threads, 1)) as pool:
-    sizes = list(pool.map(lambda rel: _header_size(os.path.join(root, rel), sample_rate), rel_paths))
+    sizes = list(pool.map(lambda rel: _header_size(storage.join(root, rel), sample_rate), rel_paths))
   counts = {"train": 0, "valid": 0, "skipped": 0, "total_samples": 0}
   lines = {"train": [root], "valid": [root]}
   for rel, draw, size in zip(rel_paths, draws, sizes):
@@ -81,10 +78,9 @@ def write_manifest(root: str, out_dir: str, valid_percent: float = 0.01,
     lines[split].append(f"{rel}\t{size}")
     counts[split] += 1
     counts["total_samples"] += size
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   for split in ["train"] + (["valid"] if valid_percent > 0 else []):
-    with open(os.path.join(out_dir, f"{split}.tsv"), "w", encoding="utf-8") as f:
-      f.write("\n".join(lines[split]) + "\n")
+    storage.write_text(storage.join(out_dir, f"{split}.tsv"), "\n".join(lines[split]) + "\n")
   log.info("manifest %s -> %s: %s", root, out_dir, counts)
   return counts
 
@@ -92,7 +88,11 @@ def write_manifest(root: str, out_dir: str, valid_percent: float = 0.01,
 def _header_size(path: str, sample_rate: int | None) -> int | None:
   """Samples per the header (at `sample_rate` Hz if given), or None with a warning if unreadable."""
   try:
-    info = sf.info(path)
+    if storage.is_remote(path):
+      with storage.open_file(path, "rb") as f:
+        info = sf.info(f)
+    else:
+      info = sf.info(path)
   except (RuntimeError, OSError, ValueError) as e:
     log.warning("manifest: skipping %s: unreadable header (%s: %s)", path, type(e).__name__, e)
     return None
@@ -107,8 +107,7 @@ def read_manifest(tsv_path: str, label_exts: Sequence[str] = LABEL_EXTS) -> Mani
   Raises ValueError naming the file and line for a malformed line or a label file whose line count
   differs from the manifest's.
   """
-  with open(tsv_path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  lines = storage.read_text(tsv_path).splitlines()
   if not lines or not lines[0].strip():
     raise ValueError(f"{tsv_path}:1: expected the root directory on the first line")
   root = lines[0].strip()
@@ -127,19 +126,18 @@ def read_manifest(tsv_path: str, label_exts: Sequence[str] = LABEL_EXTS) -> Mani
       raise ValueError(f"{tsv_path}:{lineno}: negative num_samples {size}")
     paths.append(parts[0])
     sizes.append(size)
-  stem = os.path.splitext(tsv_path)[0]
+  stem = storage.splitext(tsv_path)[0]
   labels = {}
   for ext in label_exts:
     label_path = f"{stem}.{ext}"
-    if os.path.exists(label_path):
+    if storage.exists(label_path):
       labels[ext] = read_labels(label_path, len(paths))
   return Manifest(root, paths, np.asarray(sizes, dtype=np.int64), labels)
 
 
 def read_labels(path: str, expected: int) -> list[str]:
   """One transcript per line; raises ValueError naming `path` if there are not `expected` lines."""
-  with open(path, encoding="utf-8") as f:
-    labels = f.read().splitlines()
+  labels = storage.read_text(path).splitlines()
   if len(labels) != expected:
     raise ValueError(f"{path}:{len(labels)}: {len(labels)} label lines for {expected} manifest entries")
   return labels

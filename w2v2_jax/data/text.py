@@ -40,6 +40,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from w2v2_jax import storage
+
 log = logging.getLogger(__name__)
 
 # EncodeStatus.reason values.
@@ -208,7 +210,7 @@ class Vocabulary:
     """
     symbols = list(HF_SPECIALS)
     counts = [0, 0, 0, 0]
-    with open(path, encoding="utf-8") as f:
+    with storage.open_file(path, "r") as f:
       for lineno, raw in enumerate(f, 1):
         line = raw.rstrip("\n").rstrip()
         if not line:
@@ -244,14 +246,12 @@ class Vocabulary:
     None if the vocabulary has no such symbol). Ids must be 0..V-1.
     """
     cfg = {}
-    if os.path.isdir(path):
-      cfg_path = os.path.join(path, "tokenizer_config.json")
-      if os.path.exists(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-          cfg = json.load(f)
-      path = os.path.join(path, "vocab.json")
-    with open(path, encoding="utf-8") as f:
-      mapping = json.load(f)
+    if storage.isdir(path):
+      cfg_path = storage.join(path, "tokenizer_config.json")
+      if storage.exists(cfg_path):
+        cfg = json.loads(storage.read_text(cfg_path))
+      path = storage.join(path, "vocab.json")
+    mapping = json.loads(storage.read_text(path))
     if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
       raise ValueError(f"{path}: expected a flat JSON object symbol -> int id (multi-lingual vocabularies "
                        "are not supported)")

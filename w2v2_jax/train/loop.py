@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from w2v2_jax import models, plots
+from w2v2_jax import models, plots, storage
 from w2v2_jax.data import augment as augment_lib
 from w2v2_jax.data import pipeline
 from w2v2_jax.data.source import as_source
@@ -198,9 +198,8 @@ ARCHITECTURE = ("conv_layers", "extractor_mode", "conv_bias", "encoder_embed_dim
 def load_pretrained(path: str) -> Tuple[ModelConfig, Any]:
   """(model config, backbone params) from one of our pretraining run directories, a Hugging Face
   directory or a fairseq checkpoint (.pt)."""
-  import os  # pylint: disable=import-outside-toplevel
   from w2v2_jax import convert  # pylint: disable=import-outside-toplevel
-  if os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR)):
+  if storage.isdir(storage.join(path, checkpoint.CHECKPOINT_DIR)):
     from orbax import checkpoint as ocp  # pylint: disable=import-outside-toplevel
     ckpt = checkpoint.Checkpointer(path)
     step = ckpt.latest_step()
@@ -212,11 +211,11 @@ def load_pretrained(path: str) -> Tuple[ModelConfig, Any]:
     cfg = ModelConfig.from_any(saved["model"])
     state = ocp.StandardCheckpointer().restore(state_dir)
     return cfg, jax.device_get(state["params"]["wav2vec2"])
-  if os.path.isdir(path):
-    cfg, params = convert.from_hf(path)
+  if storage.isdir(path):
+    cfg, params = convert.from_hf(storage.local_copy(path))
     return cfg, params["wav2vec2"]
-  if os.path.isfile(path):
-    cfg, params = convert.from_fairseq(path)
+  if storage.isfile(path):
+    cfg, params = convert.from_fairseq(storage.local_copy(path))
     return cfg, params["wav2vec2"]
   raise ValueError(f"init={path!r} is neither a run directory, a Hugging Face directory nor a checkpoint file")
 
@@ -246,7 +245,6 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   """Runs (or resumes) CTC fine-tuning. The best model by validation WER (or CER, with
   config.train.best_metric="cer") is exported as a Hugging Face directory (config.json,
   model.safetensors, vocab.json) to `<workdir>/export`; `<workdir>/best.json` says which step."""
-  import os  # pylint: disable=import-outside-toplevel
   from w2v2_jax import export  # pylint: disable=import-outside-toplevel
   metric = str(config.train.get("best_metric", "wer"))
   if metric not in ("wer", "cer"):
@@ -285,11 +283,11 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
     return arrays, {k: stats.get(k, 0) for k in pipeline.STAT_KEYS + TEXT_STATS}
 
   validator = None       # greedy WER / CER on every device of every host (= `w2v2 evaluate`'s numbers)
-  best_path = os.path.join(workdir, "best.json")
+  best_path = storage.join(workdir, "best.json")
   best = {metric: math.inf}
-  if os.path.exists(best_path):
-    best = json.load(open(best_path))
-  export_dir = os.path.join(workdir, "export")
+  if storage.exists(best_path):
+    best = json.loads(storage.read_text(best_path))
+  export_dir = storage.join(workdir, "export")
 
   def after_step(step, state, runner):
     nonlocal validator
@@ -304,17 +302,15 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
               "valid/utterances": float(scores["utterances"]), "valid/skipped": float(scores["skipped"])}
     log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "valid.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, **result}) + "\n")
+      storage.append_text(storage.join(workdir, "valid.jsonl"), json.dumps({"step": step, **result}) + "\n")
       if result[f"valid/{metric}"] < best.get(metric, math.inf):
         params_now = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
                                             runner.get_state(state)["params"])
         best.update(wer=result["valid/wer"], cer=result["valid/cer"], step=step, metric=metric)
         export.export_hf(model_cfg, params_now, vocab, export_dir, normalize=bool(config.data.normalize))
-        with open(best_path, "w") as f:
-          json.dump(best, f)
+        storage.write_text(best_path, json.dumps(best))
         log.info("new best %s %.4f at step %d: exported to %s", metric.upper(), best[metric], step, export_dir)
 
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   return _run(config, workdir, step_fn=step_fn, tx=tx, iterator=iterator, params=params,
               to_step_batch=to_step_batch, max_steps=max_steps, sum_keys=TEXT_STATS, after_step=after_step)

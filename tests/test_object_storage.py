@@ -1,0 +1,141 @@
+"""Every path on gs://, against a real GCS API server on loopback (tests/gcs_server.py).
+
+The README's pod command in miniature: audio in a bucket, `w2v2 manifest` writes the manifests there,
+`pretrain` checkpoints there and resumes from there (bit-exactly: the same parameters as a local run
+without the interruption), `finetune` starts from the bucket's pretraining run and writes its metrics,
+best.json, valid.jsonl and export/ there, and `evaluate` and `transcribe` read the model and the audio
+from the bucket. Nothing is written to the local disk but what the test itself puts there.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import gcs_server
+
+pytest.importorskip("gcsfs")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTES = {147: "B", 196: "C", 247: "D", 330: "E"}
+CLI = [sys.executable, "-m", "w2v2_jax.cli"]
+
+
+def note_clips(count=24, seed=3):
+  """{name: (FLAC bytes, transcript words)}: 3-5 notes per clip, 1.1-2.6 s."""
+  rng = np.random.default_rng(seed)
+  clips = {}
+  for i in range(count):
+    pieces, words = [], []
+    for _ in range(rng.integers(3, 6)):
+      f0 = int(rng.choice(list(NOTES)))
+      t = np.arange(int(rng.uniform(0.3, 0.45) * 16000)) / 16000
+      pieces += [np.hanning(len(t)) * np.sin(2 * np.pi * f0 * t), np.zeros(800)]
+      words.append(NOTES[f0])
+    x = (0.3 * np.concatenate(pieces) + 0.01 * rng.standard_normal(sum(map(len, pieces)))).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, x, 16000, format="FLAC")
+    clips[f"c{i:02d}.flac"] = (buf.getvalue(), words)
+  return clips
+
+
+def run(args, env, cwd, timeout=600):
+  proc = subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+  return proc
+
+
+def final_params(checkpoint_dir):
+  from orbax import checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(os.path.join(checkpoint_dir, "state"))["params"]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  with gcs_server.running() as server:
+    yield server
+
+
+def test_every_path_on_gcs(gcs, tmp_path):
+  env = gcs.env()
+  env.pop("XLA_FLAGS", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  work = tmp_path / "cwd"
+  work.mkdir()
+  clips = note_clips()
+  for name, (data, _) in clips.items():
+    gcs.put(f"corpus/audio/{name}", data)
+
+  # 1. Manifests from the bucket's audio, written to the bucket; transcripts next to them.
+  run(["manifest", f"--root={gcs.gs('corpus/audio')}", f"--out={gcs.gs('manifests')}", "--valid_percent=0.25"], env, work)
+  splits = {}
+  for split in ("train", "valid"):
+    lines = gcs.get(f"manifests/{split}.tsv").decode().splitlines()
+    assert lines[0] == gcs.gs("corpus/audio")
+    splits[split] = [line.split("\t") for line in lines[1:]]
+    gcs.put(f"manifests/{split}.ltr", "".join(" ".join(f"{w} |" for w in clips[name][1]) + "\n"
+                                               for name, _ in splits[split]))
+  assert sorted(n for s in splits.values() for n, _ in s) == sorted(clips)
+  assert all(int(size) == sf.info(io.BytesIO(clips[name][0])).frames for name, size in splits["train"])
+  assert len(splits["valid"]) >= 2
+
+  # 2. Pretraining in the bucket: stopped after 2 updates, resumed to 4; a local run of 4 updates
+  # without the stop gives the same parameters.
+  manifest = f"--config.data.train_manifest={gcs.gs('manifests/train.tsv')}"
+  pre = ["pretrain", "--config=pretrain:tiny", manifest, "--config.train.steps=4",
+         "--config.train.checkpoint_every=2", "--config.train.log_every=1"]
+  run(pre + [f"--workdir={gcs.gs('runs/pt')}", "--max_steps=2"], env, work)
+  assert any(n.startswith("runs/pt/checkpoints/2/") for n in gcs.list("runs/pt/"))
+  resumed = run(pre + [f"--workdir={gcs.gs('runs/pt')}"], env, work)
+  assert "resumed from step 2" in resumed.stderr
+  stored = gcs.list("runs/pt/")
+  assert "runs/pt/metrics.jsonl" in stored and any(n.startswith("runs/pt/checkpoints/4/") for n in stored)
+  # The first update of each invocation compiles and is not logged; the resumed run kept step 2's line.
+  assert [json.loads(line)["step"] for line in gcs.get("runs/pt/metrics.jsonl").decode().splitlines()
+          if '"loss"' in line] == [2, 4]
+  run(pre + ["--workdir=local_pt"], env, work)
+  local = final_params(str(work / "local_pt" / "checkpoints" / "4"))
+  # The bucket's checkpoint, restored by Orbax (tensorstore) in a process that talks to the emulator.
+  code = ("import sys, json, numpy as np, jax; from orbax import checkpoint as ocp; "
+          "p = ocp.StandardCheckpointer().restore(sys.argv[1])['params']; "
+          "np.savez(sys.argv[2], **{jax.tree_util.keystr(k): np.asarray(v) for k, v in "
+          "jax.tree_util.tree_leaves_with_path(p)})")
+  subprocess.run([sys.executable, "-c", "import w2v2_jax; " + code, gcs.gs("runs/pt/checkpoints/4/state"),
+                  str(tmp_path / "remote.npz")], env=env, check=True, timeout=300, cwd=work)
+  import jax
+  remote = np.load(tmp_path / "remote.npz")
+  leaves = jax.tree_util.tree_leaves_with_path(local)
+  assert len(leaves) == len(remote.files)
+  for key, value in leaves:
+    np.testing.assert_array_equal(np.asarray(value), remote[jax.tree_util.keystr(key)])
+
+  # 3. Fine-tuning from the bucket's run into the bucket, validating on the bucket's manifest.
+  run(["finetune", "--config=finetune:tiny", f"--workdir={gcs.gs('runs/ft')}",
+       f"--config.init={gcs.gs('runs/pt')}", f"--config.data.train_manifest={gcs.gs('manifests/train.tsv')}",
+       f"--config.data.valid_manifest={gcs.gs('manifests/valid.tsv')}", "--config.data.label=ltr",
+       "--config.train.steps=4", "--config.train.eval_every=2", "--config.train.checkpoint_every=4",
+       "--config.train.freeze_updates=0", "--config.train.log_every=1"], env, work)
+  stored = gcs.list("runs/ft/")
+  for name in ("runs/ft/best.json", "runs/ft/valid.jsonl", "runs/ft/metrics.jsonl", "runs/ft/export/config.json",
+               "runs/ft/export/model.safetensors", "runs/ft/export/vocab.json",
+               "runs/ft/export/preprocessor_config.json"):
+    assert name in stored, name
+  valid = [json.loads(line) for line in gcs.get("runs/ft/valid.jsonl").decode().splitlines()]
+  assert [v["step"] for v in valid] == [2, 4]
+  assert valid[0]["valid/utterances"] == len(splits["valid"])
+
+  # 4. Evaluation and transcription read the model and the audio from the bucket.
+  out = run(["evaluate", f"--checkpoint={gcs.gs('runs/ft')}", f"--data={gcs.gs('manifests/valid.tsv')}",
+             "--label=ltr", f"--out={gcs.gs('eval/hyp.tsv')}"], env, work).stdout
+  hyps = gcs.get("eval/hyp.tsv").decode().splitlines()
+  assert len(hyps) == 1 + len(splits["valid"]) and "WER" in out.upper()
+  first = gcs.gs(f"corpus/audio/{splits['valid'][0][0]}")
+  out = run(["transcribe", first, f"--checkpoint={gcs.gs('runs/ft')}"], env, work).stdout
+  assert out.startswith(first + "\t")
+
+  # Nothing went to the local disk but the local comparison run.
+  assert sorted(os.listdir(work)) == ["local_pt"]
