@@ -241,11 +241,6 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until every started save is written and committed (and old ones deleted)."""
     self._manager.wait_until_finished()
-    # The removal of stale tmp directories, started when the manager opened, runs in the
-    # background and is otherwise only awaited by the next save (private Orbax method; guarded).
-    await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
-    if await_cleanup is not None:
-      await_cleanup()
 
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's threads."""
@@ -262,6 +257,7 @@ class Checkpointer:
 # -- preemption ------------------------------------------------------------------------------
 
 _STOP = threading.Event()
+DEFAULT_CHECK_EVERY = 10   # steps between flag all-gathers in multi-process runs without the service
 
 
 def _on_signal(signum, frame) -> None:  # pylint: disable=unused-argument
@@ -295,37 +291,32 @@ def clear_stop() -> None:
   _STOP.clear()
 
 
-def _preemption_service() -> Any:
-  """JAX's preemption sync manager when this is a multi-process run that has one, else None."""
-  if jax.process_count() <= 1:
-    return None
-  try:
-    from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  state = getattr(distributed, "global_state", None)
-  return getattr(state, "preemption_sync_manager", None)
+def preemption_service_enabled() -> bool:
+  """Whether this is a multi-process run with JAX's preemption service (on by default after
+  `jax.distributed.initialize`; off with the public config `jax_enable_preemption_service=False`)."""
+  return jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
 
 
-def reached_preemption(step: int, *, check_every: int = 1) -> bool:
+def reached_preemption(step: int, *, check_every: int = DEFAULT_CHECK_EVERY) -> bool:
   """Whether to checkpoint at `step` and stop; the same answer on every process.
 
-  Call it after every step on every process, with the same step numbers.
+  Call it after every step on every process, with the same step numbers (from the same start).
   - One process: the local stop flag (set by the handler of `install_sigterm_handler`).
-  - Several processes with JAX's preemption service (on by default after
-    `jax.distributed.initialize`): `multihost_utils.reached_preemption_sync_point(step)`. JAX
-    catches SIGTERM on any host itself and the processes agree on a step at which all return True.
-  - Several processes without it: every `check_every` steps the local flags are all-gathered
-    (a small collective) and any set flag stops everyone.
+  - Several processes with JAX's preemption service: the public
+    `multihost_utils.reached_preemption_sync_point(step)`. JAX catches SIGTERM on any host, the
+    coordination service tells the others, and all agree on a step; no collective runs while no
+    notice came.
+  - Several processes without the service: every `check_every` steps the local flags are
+    all-gathered (one small collective per `check_every` steps) and any set flag stops everyone.
   """
   if jax.process_count() <= 1:
     return _STOP.is_set()
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  if _preemption_service() is not None:
+  if preemption_service_enabled():
     try:
       return bool(multihost_utils.reached_preemption_sync_point(int(step)))
-    except RuntimeError:
-      pass          # service not initialised after all: fall back to the flags
+    except RuntimeError:      # the service did not start after all: the flags below
+      pass
   if step % max(int(check_every), 1):
     return False
   flags = multihost_utils.process_allgather(np.array([_STOP.is_set()], np.int32))
@@ -341,15 +332,18 @@ class PreemptionGuard:
   service). On exit the previous handlers come back and the flag is cleared.
   """
 
-  def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), *, check_every: int = 1):
+  def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), *, check_every: int = DEFAULT_CHECK_EVERY):
     self.signals = tuple(signals)
     self.check_every = int(check_every)
     self._previous: Dict[int, Any] = {}
 
   def __enter__(self) -> "PreemptionGuard":
     clear_stop()
-    if _preemption_service() is None:
+    if not preemption_service_enabled():
       self._previous = install_sigterm_handler(self.signals)
+      if jax.process_count() > 1:
+        log.info("multi-process run without JAX's preemption service: stop flags are compared every %d "
+                 "steps", self.check_every)
     else:
       log.info("multi-process run: SIGTERM goes to JAX's preemption service")
     return self

@@ -18,26 +18,32 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
 MODES = ("shard_map", "pmap")
+HEARTBEAT_TIMEOUT_S = 100   # jax.distributed.initialize's default
 
 
 def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
+                           process_id: Optional[int] = None, heartbeat_timeout_s: Optional[int] = None) -> None:
   """`jax.distributed.initialize` for multi-process runs; a no-op for one process.
 
   Arguments default to the environment set by launch/*.sh: W2V2_COORDINATOR (host:port),
   W2V2_NUM_PROCESSES, W2V2_PROCESS_ID. On Cloud TPU pods set W2V2_COORDINATOR=auto and JAX finds
-  the coordinator itself.
+  the coordinator itself. heartbeat_timeout_s (default $W2V2_HEARTBEAT_TIMEOUT_S, else JAX's 100 s):
+  when a process dies (a lost host, SIGKILL), the others are stopped by JAX's coordination service
+  this long after its last heartbeat, with JAX's "distributed service detected fatal errors" message,
+  instead of waiting in a collective forever.
   """
   coordinator = coordinator or os.environ.get("W2V2_COORDINATOR")
   if not coordinator:
     return
+  if heartbeat_timeout_s is None:
+    heartbeat_timeout_s = int(os.environ.get("W2V2_HEARTBEAT_TIMEOUT_S", HEARTBEAT_TIMEOUT_S))
   if coordinator == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
   else:
     num_processes = int(num_processes if num_processes is not None else os.environ["W2V2_NUM_PROCESSES"])
     process_id = int(process_id if process_id is not None else os.environ["W2V2_PROCESS_ID"])
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
   logging.info("distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
