@@ -2,8 +2,12 @@
 process with 4 devices on the same global batch; a process killed mid-training stops the other."""
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -29,13 +33,9 @@ def test_two_processes_match_one_process(tmp_path):
   assert losses[1] != losses[0]          # the second step saw updated params
 
 
-def test_a_killed_process_stops_the_others(tmp_path):
-  """A host lost mid-training (SIGKILL: no handler runs) must not leave the others hanging in a
-  collective: JAX's coordination service stops them once the heartbeat timeout has passed."""
-  import re
-  import signal
-  import socket
-  import time
+def _launch_pretraining_pair(tmp_path, heartbeat=5):
+  """Two `w2v2 pretrain` processes x 1 device on localhost, logging to tmp_path/p{i}.log; returns them
+  once process 0 has logged update 3."""
   from test_pretrain_loop import tone_corpus
   from w2v2_jax.data.manifest import write_manifest
   tone_corpus(tmp_path / "audio")
@@ -43,33 +43,63 @@ def test_a_killed_process_stops_the_others(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  heartbeat = 5
-  procs, logs = [], []
+  procs = []
   for i in range(2):
     env = dict(os.environ, W2V2_COORDINATOR=f"127.0.0.1:{port}", W2V2_NUM_PROCESSES="2", W2V2_PROCESS_ID=str(i),
                W2V2_HEARTBEAT_TIMEOUT_S=str(heartbeat), JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    logs.append(open(tmp_path / f"p{i}.log", "w+"))
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "w2v2_jax.cli", "pretrain", "--config=pretrain:tiny", f"--workdir={tmp_path / 'run'}",
-         f"--config.data.train_manifest={tmp_path / 'manifest' / 'train.tsv'}", "--config.train.steps=100000",
-         "--config.train.log_every=1", "--config.data.buckets=(16000,)", "--config.data.min_sample_size=16000",
-         "--config.data.max_sample_size=16000", "--config.batch.device_seconds=2.0",
-         "--config.batch.global_seconds=4.0"], cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT))
+    with open(tmp_path / f"p{i}.log", "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "w2v2_jax.cli", "pretrain", "--config=pretrain:tiny", f"--workdir={tmp_path / 'run'}",
+           f"--config.data.train_manifest={tmp_path / 'manifest' / 'train.tsv'}", "--config.train.steps=100000",
+           "--config.train.log_every=1", "--config.data.buckets=(16000,)", "--config.data.min_sample_size=16000",
+           "--config.data.max_sample_size=16000", "--config.batch.device_seconds=2.0",
+           "--config.batch.global_seconds=4.0"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+  deadline = time.monotonic() + 300
+  while not re.search(r"step +3/", (tmp_path / "p0.log").read_text()):
+    if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+      for p in procs:
+        p.kill()
+      raise AssertionError((tmp_path / "p0.log").read_text()[-3000:] + (tmp_path / "p1.log").read_text()[-3000:])
+    time.sleep(0.5)
+  return procs
+
+
+def _reap(procs):
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def test_sigterm_on_one_host_stops_all_at_one_step(tmp_path):
+  """Preemption notice on one host (SIGTERM): JAX's preemption service (public sync-point API) makes
+  both processes save the same step and exit cleanly."""
+  procs = _launch_pretraining_pair(tmp_path)
   try:
-    deadline = time.monotonic() + 300
-    while not re.search(r"step +3/", (tmp_path / "p0.log").read_text()):
-      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), (tmp_path / "p0.log").read_text()
-      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    rcs = [p.wait(timeout=120) for p in procs]
+  finally:
+    _reap(procs)
+  logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+  assert rcs == [0, 0], [log[-2000:] for log in logs]
+  saved = [int(re.search(r"saved step (\d+), exiting", log).group(1)) for log in logs]
+  assert saved[0] == saved[1] >= 3
+  assert sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())[-1] == saved[0]
+
+
+def test_a_killed_process_stops_the_others(tmp_path):
+  """A host lost mid-training (SIGKILL: no handler runs) must not leave the others hanging in a
+  collective: JAX's coordination service stops them once the heartbeat timeout has passed."""
+  heartbeat = 5
+  procs = _launch_pretraining_pair(tmp_path, heartbeat)
+  try:
     procs[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
     rc = procs[0].wait(timeout=heartbeat + 120)
     waited = time.monotonic() - killed
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+    _reap(procs)
   out = (tmp_path / "p0.log").read_text()
   # Measured here: SIGABRT 3.7 s after the kill (the heartbeat timeout counts from the last heartbeat).
   assert rc != 0 and waited < heartbeat + 60, (rc, waited)
