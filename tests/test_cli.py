@@ -21,7 +21,7 @@ def test_help_lists_every_subcommand_with_its_purpose(capsys):
   out = capsys.readouterr().out
   for name, cmd in cli.COMMANDS.items():
     assert f"  {name} " in out and cmd.purpose in out and f"w2v2 {name} {cmd.usage}" in out
-  assert set(cli.COMMANDS) == {"pretrain", "finetune", "evaluate", "transcribe", "manifest", "convert",
+  assert set(cli.COMMANDS) == {"pretrain", "finetune", "evaluate", "transcribe", "manifest", "pack", "convert",
                                "make-corpus", "build-lm", "demo", "compile-check"}
 
 

@@ -2,7 +2,8 @@
 
 The README's pod command in miniature: audio in a bucket, `w2v2 manifest` writes the manifests there,
 `pretrain` checkpoints there and resumes from there (bit-exactly: the same parameters as a local run
-without the interruption), `finetune` starts from the bucket's pretraining run and writes its metrics,
+without the interruption), `pack` writes ArrayRecord shards there, `finetune` trains on them from the
+bucket's pretraining run and writes its metrics,
 best.json, valid.jsonl and export/ there, and `evaluate` and `transcribe` read the model and the audio
 from the bucket. Nothing is written to the local disk but what the test itself puts there.
 """
@@ -113,9 +114,13 @@ def test_every_path_on_gcs(gcs, tmp_path):
   for key, value in leaves:
     np.testing.assert_array_equal(np.asarray(value), remote[jax.tree_util.keystr(key)])
 
-  # 3. Fine-tuning from the bucket's run into the bucket, validating on the bucket's manifest.
+  # 3. Packed shards in the bucket, then fine-tuning on them from the bucket's pretraining run, into
+  # the bucket, validating on the bucket's manifest.
+  run(["pack", gcs.gs("manifests/train.tsv"), gcs.gs("packed/train"), "--shards=2"], env, work)
+  assert gcs.list("packed/") == ["packed/train-00000-of-00002.array_record", "packed/train-00001-of-00002.array_record",
+                                 "packed/train.packed.json", "packed/train.sizes.npy"]
   run(["finetune", "--config=finetune:tiny", f"--workdir={gcs.gs('runs/ft')}",
-       f"--config.init={gcs.gs('runs/pt')}", f"--config.data.train_manifest={gcs.gs('manifests/train.tsv')}",
+       f"--config.init={gcs.gs('runs/pt')}", f"--config.data.train_manifest={gcs.gs('packed/train.packed.json')}",
        f"--config.data.valid_manifest={gcs.gs('manifests/valid.tsv')}", "--config.data.label=ltr",
        "--config.train.steps=4", "--config.train.eval_every=2", "--config.train.checkpoint_every=4",
        "--config.train.freeze_updates=0", "--config.train.log_every=1"], env, work)

@@ -100,6 +100,22 @@ def _run_compile_check(fv: flags.FlagValues, _: List[str]) -> dict:
 
 # ---------------------------------------------------------------------------------------- data
 
+def _define_pack(fv: flags.FlagValues, _: List[str]) -> None:
+  flags.DEFINE_integer("shards", 1, "Number of ArrayRecord shards", flag_values=fv)
+
+
+def _run_pack(fv: flags.FlagValues, args: List[str]) -> dict:
+  from w2v2_jax.data import packed  # pylint: disable=import-outside-toplevel
+  manifest, out_prefix = args
+  try:
+    result = packed.pack(manifest, out_prefix, shards=fv.shards)
+  except (OSError, ValueError) as e:
+    sys.exit(f"w2v2 pack: {e}")
+  print(f"packed {result['utterances']} utterances ({result['bytes'] / 1e6:.1f} MB of audio) into "
+        f"{result['shards']} shards; train on --config.data.train_manifest={result['index']}")
+  return result
+
+
 def _define_manifest(fv: flags.FlagValues, _: List[str]) -> None:
   flags.DEFINE_string("root", None, "Folder searched recursively for audio", flag_values=fv)
   flags.DEFINE_string("out", None, "Output folder for train.tsv / valid.tsv", flag_values=fv)
@@ -348,6 +364,9 @@ COMMANDS = {
                           _define_transcribe, _run_transcribe, positional="files"),
     "manifest": Command("--root=DIR --out=DIR [--valid_percent=0.01] [--ext=flac,wav]",
                         "write fairseq train.tsv / valid.tsv for a folder of audio", _define_manifest, _run_manifest),
+    "pack": Command("MANIFEST.tsv OUT_PREFIX [--shards=N]",
+                    "pack a manifest's audio and transcripts into ArrayRecord shards (local or gs://)",
+                    _define_pack, _run_pack, positional="src_out"),
     "convert": Command("SRC OUT_DIR", "Hugging Face directory or fairseq .pt -> Hugging Face directory",
                        _define_convert, _run_convert, positional="src_out"),
     "make-corpus": Command("--out=DIR [--hours=1]",

@@ -1,7 +1,8 @@
 """Where utterances come from: random access to (waveform, transcript) by index, plus every size.
 
 A `Source` is what the pipeline reads. `sizes` (metadata only) plan the batches; `load(i)` decodes
-one utterance. Implementations: `ManifestSource` (fairseq manifests, here) and
+one utterance. Implementations: `ManifestSource` (fairseq manifests, here),
+`w2v2_jax.data.packed.PackedSource` (ArrayRecord shards from `w2v2 pack`) and
 `w2v2_jax.data.tfds_source.TfdsSource` (tensorflow-datasets, optional extra).
 """
 from __future__ import annotations
@@ -69,8 +70,18 @@ class ManifestSource:
     return Example(audio, info, label)
 
 
+def open_source(path: str, label: str | None = None) -> Source:
+  """The Source at `path`: packed shards (an OUT_PREFIX.packed.json from `w2v2 pack`) or a manifest."""
+  from w2v2_jax.data import packed  # pylint: disable=import-outside-toplevel
+  if packed.is_packed(path):
+    return packed.PackedSource(path, label=label)
+  return ManifestSource(path, label=label)
+
+
 def as_source(source: Source | Manifest | str) -> Source:
-  """A Source from a Source, a Manifest or a manifest path (without labels)."""
-  if isinstance(source, (Manifest, str)):
+  """A Source from a Source, a Manifest, or a manifest or packed-index path (without labels)."""
+  if isinstance(source, str):
+    return open_source(source)
+  if isinstance(source, Manifest):
     return ManifestSource(source)
   return source

@@ -19,7 +19,6 @@ import numpy as np
 from w2v2_jax import models, plots, storage
 from w2v2_jax.data import augment as augment_lib
 from w2v2_jax.data import pipeline
-from w2v2_jax.data.source import as_source
 from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.train import checkpoint, metrics as metrics_lib, optimizer, parallel, schedules, validation
 from w2v2_jax.train import step as train_step
@@ -68,15 +67,14 @@ def finetune_step_fn(config: Any, model_cfg: ModelConfig, blank_id: int = 0):
 
 
 def make_source(config: Any, label: Optional[str] = None):
-  """The training source: a manifest (with `label` transcripts beside it) or a tfds split."""
+  """The training source: a manifest (with `label` transcripts beside it), packed shards (`w2v2 pack`)
+  or a tfds split."""
   data = config.data
   if data.train_manifest and data.tfds_name:
     raise ValueError("set one of data.train_manifest and data.tfds_name, not both")
-  if data.train_manifest:
-    if label:
-      from w2v2_jax.data.source import ManifestSource  # pylint: disable=import-outside-toplevel
-      return ManifestSource(data.train_manifest, label=label)
-    return as_source(data.train_manifest)
+  if data.train_manifest:     # a manifest .tsv or packed shards' OUT_PREFIX.packed.json
+    from w2v2_jax.data.source import open_source  # pylint: disable=import-outside-toplevel
+    return open_source(data.train_manifest, label=label or None)
   if data.tfds_name:
     from w2v2_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
     return TfdsSource(data.tfds_split, name=data.tfds_name, data_dir=data.tfds_data_dir or None,
