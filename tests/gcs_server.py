@@ -13,8 +13,6 @@ import urllib.parse
 import urllib.request
 from http import HTTPStatus
 
-import pytest
-
 BUCKET = "w2v2-test"
 
 
@@ -48,7 +46,7 @@ class GcsServer:
   """The emulator on 127.0.0.1 at a free port; `env()` is what a client process needs to use it."""
 
   def __init__(self, bucket: str = BUCKET):
-    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    from gcp_storage_emulator import server as emulator  # pylint: disable=import-outside-toplevel
     _send_generation_headers()
     logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
     self.bucket = bucket

@@ -20,6 +20,7 @@ import soundfile as sf
 import gcs_server
 
 pytest.importorskip("gcsfs")
+pytest.importorskip("gcp_storage_emulator")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES = {147: "B", 196: "C", 247: "D", 330: "E"}
