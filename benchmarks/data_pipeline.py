@@ -26,6 +26,7 @@ import time
 import numpy as np
 import soundfile as sf
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")     # the CPU step; keeps libtpu (if installed) uninitialised
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import urllib.parse
 import urllib.request
 from http import HTTPStatus
@@ -52,7 +53,15 @@ class GcsServer:
     self.bucket = bucket
     self._server = emulator.create_server("127.0.0.1", 0, in_memory=True, default_bucket=bucket)
     self._server.start()
-    self.port = self._server._api._httpd.server_address[1]  # pylint: disable=protected-access
+    httpd = self._server._api._httpd  # pylint: disable=protected-access
+    self.port = httpd.server_address[1]
+    default_error = httpd.handle_error
+
+    def handle_error(request, client_address):   # a client that hung up early (BrokenPipe) is not news
+      if not isinstance(sys.exc_info()[1], ConnectionError):
+        default_error(request, client_address)
+
+    httpd.handle_error = handle_error
     self.url = f"http://127.0.0.1:{self.port}"
 
   def stop(self) -> None:

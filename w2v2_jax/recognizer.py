@@ -132,7 +132,7 @@ class Recognizer:
     """
     path = os.fspath(path)
     if storage.is_remote(path):
-      return cls.load(cls._download(path), **kwargs)
+      return cls.load(storage.local_model_copy(path, ("",) + EXPORT_DIRS, "config.json", FAIRSEQ_DICT), **kwargs)
     if os.path.isdir(path):
       for candidate in (path,) + tuple(os.path.join(path, d) for d in EXPORT_DIRS):
         if _is_hf_dir(candidate):
@@ -145,22 +145,6 @@ class Recognizer:
       return cls._load_fairseq(path, **kwargs)
     raise FileNotFoundError(f"{path}: no such checkpoint (expected a Hugging Face directory, a fine-tuning "
                             f"run directory with export/, or a fairseq .pt)")
-
-  @staticmethod
-  def _download(url: str) -> str:
-    """A local copy of a model at an object-store URL: the Hugging Face directory (the URL itself or its
-    export/), or a fairseq .pt with the dict.ltr.txt next to it."""
-    for candidate in (url,) + tuple(storage.join(url, d) for d in EXPORT_DIRS):
-      if storage.isfile(storage.join(candidate, "config.json")):
-        return storage.local_copy(candidate)
-    if not storage.isfile(url):
-      raise FileNotFoundError(f"{url}: no such checkpoint (expected a Hugging Face directory, a fine-tuning "
-                              "run directory with export/, or a fairseq .pt)")
-    local = storage.local_copy(url)
-    dict_url = storage.join(storage.dirname(url), FAIRSEQ_DICT)
-    if storage.isfile(dict_url):
-      storage.local_copy(dict_url, into=os.path.dirname(local))
-    return local
 
   @classmethod
   def _load_hf(cls, directory: str, **kwargs) -> Recognizer:

@@ -201,6 +201,23 @@ def local_copy(path: PathLike, into: str | None = None) -> str:
   return target
 
 
+def local_model_copy(url: str, subdirs: tuple, marker: str, companion: str) -> str:
+  """A local copy of a model at `url`: the first of url/<subdir> (for each of `subdirs`, "" for url
+  itself) that holds `marker` (a directory model), else the file `url` with the `companion` file next
+  to it when there is one (e.g. a fairseq .pt and its dict.ltr.txt). FileNotFoundError if neither."""
+  for sub in subdirs:
+    candidate = join(url, sub) if sub else url
+    if isfile(join(candidate, marker)):
+      return local_copy(candidate)
+  if not isfile(url):
+    raise FileNotFoundError(f"{url}: no such checkpoint (no {marker} in it or in "
+                            f"{', '.join(s for s in subdirs if s)}, and not a file)")
+  local = local_copy(url)
+  if isfile(join(dirname(url), companion)):
+    local_copy(join(dirname(url), companion), into=os.path.dirname(local))
+  return local
+
+
 def upload_dir(local_dir: str, dest: PathLike) -> None:
   """Copy every file of a local directory to `dest` (an object prefix or a local directory)."""
   for rel in walk_files(local_dir):
