@@ -112,3 +112,13 @@ def test_pack_errors_name_the_problem(tmp_path, corpus):
   broken.write_text(json.dumps({"format": "something else"}))
   with pytest.raises(ValueError, match="broken.packed.json: format"):
     packed.PackedSource(str(broken))
+
+
+def test_shards_split_evenly(corpus, tmp_path):
+  """31 utterances into 10 shards: every shard holds 3 or 4 records (none empty), all are readable."""
+  tsv, _ = corpus
+  index = packed.pack(tsv, str(tmp_path / "ten"), shards=10)["index"]
+  counts = [s["records"] for s in json.load(open(index))["shards"]]
+  assert len(counts) == 10 and sum(counts) == 31 and min(counts) >= 3 and max(counts) <= 4
+  source = packed.PackedSource(index)
+  assert [source.read(i)[0]["path"] for i in range(31)] == manifest.read_manifest(tsv).paths

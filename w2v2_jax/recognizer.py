@@ -132,7 +132,8 @@ class Recognizer:
     """
     path = os.fspath(path)
     if storage.is_remote(path):
-      return cls.load(storage.local_model_copy(path, ("",) + EXPORT_DIRS, "config.json", FAIRSEQ_DICT), **kwargs)
+      return cls.load(storage.local_model_copy(path, ("",) + EXPORT_DIRS, "config.json",
+                                                       convert.HF_WEIGHT_FILES, FAIRSEQ_DICT), **kwargs)
     if os.path.isdir(path):
       for candidate in (path,) + tuple(os.path.join(path, d) for d in EXPORT_DIRS):
         if _is_hf_dir(candidate):

@@ -95,7 +95,10 @@ def open_file(path: PathLike, mode: str = "r", encoding: str | None = "utf-8") -
     return open(os.fspath(path), mode, encoding=encoding)
   if "a" in mode:
     raise ValueError(f"{path}: object stores cannot append; rewrite the whole object")
-  return as_path(path).open(mode, encoding=encoding) if "b" not in mode else as_path(path).open(mode)
+  binary = as_path(path).open(mode if "b" in mode else mode + "b")
+  if "b" in mode:
+    return binary
+  return io.TextIOWrapper(binary, encoding=encoding or "utf-8")   # epath's fsspec backend drops `encoding`
 
 
 def read_text(path: PathLike) -> str:
@@ -201,13 +204,14 @@ def local_copy(path: PathLike, into: str | None = None) -> str:
   return target
 
 
-def local_model_copy(url: str, subdirs: tuple, marker: str, companion: str) -> str:
+def local_model_copy(url: str, subdirs: tuple, marker: str, weights: tuple, companion: str) -> str:
   """A local copy of a model at `url`: the first of url/<subdir> (for each of `subdirs`, "" for url
-  itself) that holds `marker` (a directory model), else the file `url` with the `companion` file next
-  to it when there is one (e.g. a fairseq .pt and its dict.ltr.txt). FileNotFoundError if neither."""
+  itself) that holds `marker` and one of `weights` (a directory model), else the file `url` with the
+  `companion` file next to it when there is one (e.g. a fairseq .pt and its dict.ltr.txt).
+  FileNotFoundError if neither."""
   for sub in subdirs:
     candidate = join(url, sub) if sub else url
-    if isfile(join(candidate, marker)):
+    if isfile(join(candidate, marker)) and any(isfile(join(candidate, w)) for w in weights):
       return local_copy(candidate)
   if not isfile(url):
     raise FileNotFoundError(f"{url}: no such checkpoint (no {marker} in it or in "

@@ -31,6 +31,8 @@ REASONS = (MISSING, EMPTY, UNDECODABLE, TRUNCATED, NON_FINITE)
 NORM_EPS = 1e-5  # as fairseq's F.layer_norm(wav, wav.shape)
 SAMPLE_RATE = 16000  # Hz: the rate every wav2vec 2.0 model takes
 SF_UNKNOWN_FRAMES = 2**62  # libsndfile reports a huge frame count when a stream's length is unknown
+# Containers whose header frame count is exact (for MP3 / Ogg it can be an estimate).
+EXACT_FRAME_COUNTS = ("WAV", "WAVEX", "RF64", "W64", "FLAC", "AIFF", "CAF", "AU")
 
 
 class AudioError(ValueError):
@@ -113,6 +115,8 @@ def load_audio_with_info(source: str | os.PathLike | bytes, sample_rate: int = 1
       source = storage.read_bytes(source)
     except FileNotFoundError:
       raise AudioError(name, MISSING, "no such object") from None
+    except Exception as e:  # pylint: disable=broad-except  # e.g. a 403: this row is unusable, not the run
+      raise AudioError(name, UNDECODABLE, f"cannot read: {type(e).__name__}: {e}") from e
   if isinstance(source, bytes):
     name = name or "<bytes>"
     if not source:
@@ -153,7 +157,7 @@ def _decode(source: str | BinaryIO, name: str) -> tuple[np.ndarray, int]:
     with sf.SoundFile(source) as f:
       declared, rate, fmt = f.frames, f.samplerate, f.format
       data = f.read(dtype="float32", always_2d=True)
-    if data.shape[0] < declared < SF_UNKNOWN_FRAMES:
+    if fmt in EXACT_FRAME_COUNTS and data.shape[0] < declared < SF_UNKNOWN_FRAMES:
       raise AudioError(name, TRUNCATED, f"decoded {data.shape[0]} of the {declared} frames its {fmt} header "
                        "declares")
     return data, int(rate)

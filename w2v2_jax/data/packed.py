@@ -16,7 +16,8 @@ relative path, "labels": {"ltr": ..., "wrd": ...}}, then the file's bytes.
 the packed form is utterance i of the manifest, with the same size, so the batch plan and every batch
 are the same as the manifest's (and resume works the same way). ArrayRecord's reader opens local
 files only: shards at an object-store URL are copied to a local cache directory when first read
-(`cache_dir`, default $W2V2_PACKED_CACHE or a temporary directory), one whole shard at a time.
+(`cache_dir`, default $W2V2_PACKED_CACHE or <tmp>/w2v2_packed_cache, shared by the processes and runs
+of a host and checked against the object's size), one whole shard at a time.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
 import threading
@@ -66,7 +68,7 @@ def shard_name(prefix: str, index: int, count: int) -> str:
 def pack(manifest_path: str, out_prefix: str, shards: int = 1) -> dict[str, Any]:
   """Packs the manifest at `manifest_path` (and its .ltr/.wrd files) into `shards` ArrayRecord files.
 
-  Utterances go to shards in contiguous runs of ceil(N / shards), in manifest order. `out_prefix` may
+  Utterances go to shards in contiguous runs of N / shards (rounded), in manifest order. `out_prefix` may
   be local or an object-store URL (shards are written locally first, then uploaded). A file that
   cannot be read stops the packing with an error naming it: nothing is left out silently.
   Returns {"utterances", "shards", "bytes", "index"}.
@@ -79,7 +81,7 @@ def pack(manifest_path: str, out_prefix: str, shards: int = 1) -> dict[str, Any]
   if count == 0:
     raise ValueError(f"{manifest_path}: no utterances to pack")
   shards = min(shards, count)
-  per_shard = -(-count // shards)
+  bounds = [s * count // shards for s in range(shards + 1)]      # shard s: utterances bounds[s]..bounds[s+1]-1
   remote = storage.is_remote(out_prefix)
   local_prefix = out_prefix
   staging = None
@@ -91,35 +93,34 @@ def pack(manifest_path: str, out_prefix: str, shards: int = 1) -> dict[str, Any]
   total_bytes, records = 0, []
   try:
     for s in range(shards):
-      lo, hi = s * per_shard, min((s + 1) * per_shard, count)
-      writer = array_record_module.ArrayRecordWriter(shard_name(local_prefix, s, shards), WRITER_OPTIONS)
+      lo, hi = bounds[s], bounds[s + 1]
+      local_shard = shard_name(local_prefix, s, shards)
+      writer = array_record_module.ArrayRecordWriter(local_shard, WRITER_OPTIONS)
       try:
         for i in range(lo, hi):
           path = manifest.path(i)
           try:
             data = storage.read_bytes(path)
-          except OSError as e:
-            raise OSError(f"{manifest_path}: utterance {i} ({path}): {e}") from e
+          except Exception as e:  # pylint: disable=broad-except  # any storage error: name the file
+            raise OSError(f"{manifest_path}: utterance {i} ({path}): {type(e).__name__}: {e}") from e
           labels = {kind: texts[i] for kind, texts in manifest.labels.items()}
           writer.write(encode_record(manifest.paths[i], labels, data))
           total_bytes += len(data)
       finally:
         writer.close()
       records.append(hi - lo)
+      if remote:      # upload each shard as soon as it is written: staging holds one shard at a time
+        with open(local_shard, "rb") as src, storage.open_file(shard_name(out_prefix, s, shards), "wb") as dst:
+          shutil.copyfileobj(src, dst, 1 << 24)
+        os.remove(local_shard)
     index = {"format": FORMAT, "source": os.fspath(manifest_path), "root": manifest.root,
              "utterances": count, "labels": sorted(manifest.labels),
              "shards": [{"file": os.path.basename(shard_name(out_prefix, s, shards)), "records": records[s]}
                         for s in range(shards)]}
     sizes = np.asarray(manifest.sizes, np.int64)
-    if remote:
-      np.save(local_prefix + ".sizes.npy", sizes)
-      for s in range(shards):
-        with open(shard_name(local_prefix, s, shards), "rb") as f:
-          storage.write_bytes(shard_name(out_prefix, s, shards), f.read())
-      with open(local_prefix + ".sizes.npy", "rb") as f:
-        storage.write_bytes(out_prefix + ".sizes.npy", f.read())
-    else:
-      np.save(out_prefix + ".sizes.npy", sizes)
+    buf = io.BytesIO()
+    np.save(buf, sizes)
+    storage.write_bytes(out_prefix + ".sizes.npy", buf.getvalue())
     storage.write_text(out_prefix + INDEX_SUFFIX, json.dumps(index, indent=1) + "\n")
   finally:
     if staging is not None:
@@ -179,19 +180,20 @@ class PackedSource:
       if not os.path.isfile(shard):
         raise FileNotFoundError(f"{self.index_path}: shard {shard} is missing")
       return shard
-    if self._cache_dir is None:
-      self._cache_dir = tempfile.mkdtemp(prefix="w2v2_packed_")
+    if self._cache_dir is None:      # shared by runs and processes on this host
+      self._cache_dir = os.path.join(tempfile.gettempdir(), "w2v2_packed_cache")
+    os.makedirs(self._cache_dir, exist_ok=True)
     tag = hashlib.sha1(shard.encode()).hexdigest()[:12]      # one cache file per URL
     local = os.path.join(self._cache_dir, f"{tag}-{os.path.basename(shard)}")
     if not os.path.isfile(local) or os.path.getsize(local) != storage.getsize(shard):
-      tmp = local + f".part{os.getpid()}"
-      with storage.open_file(shard, "rb") as src, open(tmp, "wb") as dst:
-        while True:
-          block = src.read(1 << 24)
-          if not block:
-            break
-          dst.write(block)
-      os.replace(tmp, local)
+      tmp = local + f".part{os.getpid()}.{threading.get_ident()}"
+      try:
+        with storage.open_file(shard, "rb") as src, open(tmp, "wb") as dst:
+          shutil.copyfileobj(src, dst, 1 << 24)
+        os.replace(tmp, local)
+      finally:
+        if os.path.exists(tmp):
+          os.remove(tmp)
       log.info("cached %s at %s", shard, local)
     return local
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"
+SHORT_TOLERANCE = 0.005   # fraction of the source's size a decoded length may fall short by
 # Per-batch counters: rows skipped per reason, then rows resampled / downmixed (used), rows replaced
 # by a copy of another row, and plan entries skipped because a micro-batch had no usable row.
 STAT_KEYS = audio_lib.REASONS + (TOO_SHORT, TOO_LONG, "resampled", "downmixed", "replaced",
@@ -203,12 +204,13 @@ class _LoadEntry:
     """("truncated", detail) when the decoder returned fewer samples than the source's size says.
 
     The size may count samples at the pipeline's rate (`w2v2 manifest` writes those) or, for a file at
-    another rate, its own frames (fairseq's manifests); one sample of resampling rounding is allowed."""
+    another rate, its own frames (fairseq's manifests). Allowed: one sample of resampling rounding, and
+    0.5% (lossy formats' header counts can be estimates, and their decoders differ by a frame)."""
     declared = int(self._source.sizes[index])
     readings = [declared]
     if info.resampled:
       readings.append(audio_lib.resampled_length(declared, info.orig_sample_rate, self._sample_rate))
-    if n + 1 < min(readings):
+    if n + max(1, SHORT_TOLERANCE * min(readings)) < min(readings):
       return audio_lib.TRUNCATED, f"truncated (decoded {n} samples; the source says {declared})"
     return None
 

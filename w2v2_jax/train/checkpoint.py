@@ -294,7 +294,8 @@ def clear_stop() -> None:
 def preemption_service_enabled() -> bool:
   """Whether this is a multi-process run with JAX's preemption service (on by default after
   `jax.distributed.initialize`; off with the public config `jax_enable_preemption_service=False`)."""
-  return jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+  return (jax.process_count() > 1 and jax.distributed.is_initialized()
+          and bool(jax.config.jax_enable_preemption_service))
 
 
 def reached_preemption(step: int, *, check_every: int = DEFAULT_CHECK_EVERY) -> bool:

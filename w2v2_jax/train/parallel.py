@@ -36,7 +36,11 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
   if not coordinator:
     return
   if heartbeat_timeout_s is None:
-    heartbeat_timeout_s = int(os.environ.get("W2V2_HEARTBEAT_TIMEOUT_S", HEARTBEAT_TIMEOUT_S))
+    value = os.environ.get("W2V2_HEARTBEAT_TIMEOUT_S") or str(HEARTBEAT_TIMEOUT_S)
+    try:
+      heartbeat_timeout_s = int(value)
+    except ValueError:
+      raise ValueError(f"W2V2_HEARTBEAT_TIMEOUT_S={value!r}: expected a whole number of seconds") from None
   if coordinator == "auto":
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
   else:
