@@ -132,3 +132,133 @@ def test_every_path_on_gcs(gcs, tmp_path):
 
   # Nothing went to the local disk.
   assert os.listdir(work) == []
+
+
+READ_PACKED = """
+import hashlib, json, os, sys
+import w2v2_jax
+from w2v2_jax.data import packed
+index, order, cache = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] or None
+source = packed.PackedSource(index, label="wrd", cache_dir=cache)
+rows = []
+for i in order:
+  header, data = source.read(i)
+  example = source.load(i)
+  rows.append([header["path"], hashlib.sha1(data).hexdigest(), example.label, len(example.audio)])
+print(json.dumps(rows))
+"""
+
+
+def test_packed_shards_are_read_in_place_from_gcs(gcs, tmp_path):
+  """gs:// shards are read record by record in the bucket (ranged reads, no local copy) and give the
+  local shards' records; with a cache directory they are copied whole once and read from it."""
+  audio = tmp_path / "audio"
+  audio.mkdir()
+  clips = note_clips(count=12, seed=5)
+  for name, (data, _) in clips.items():
+    (audio / name).write_bytes(data)
+  names = sorted(clips)
+  (tmp_path / "train.tsv").write_text(str(audio) + "\n" + "".join(
+      f"{n}\t{sf.info(io.BytesIO(clips[n][0])).frames}\n" for n in names))
+  (tmp_path / "train.wrd").write_text("".join(" ".join(clips[n][1]) + "\n" for n in names))
+  from w2v2_jax.data import packed  # pylint: disable=import-outside-toplevel
+  index = packed.pack(str(tmp_path / "train.tsv"), str(tmp_path / "packed" / "train"), shards=2)["index"]
+  for name in sorted(os.listdir(tmp_path / "packed")):
+    gcs.put(f"inplace/{name}", (tmp_path / "packed" / name).read_bytes())
+
+  env = gcs.env()
+  env.pop("XLA_FLAGS", None)
+  env.pop("W2V2_PACKED_CACHE", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TMPDIR"] = str(tmp_path / "tmp")       # where the default shard cache would go
+  os.mkdir(env["TMPDIR"])
+
+  def read(path, order, cache=""):
+    proc = subprocess.run([sys.executable, "-c", READ_PACKED, path, json.dumps(order), cache], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+  shard = "inplace/train-00001-of-00002.array_record"
+  shard_bytes = len(gcs.get(shard))
+  order = [9, 2, 11, 0, 6]
+  local = read(index, order)
+  remote = read(gcs.gs("inplace/train.packed.json"), order)
+  assert remote == local
+  assert [row[0] for row in remote] == [names[i] for i in order]
+  assert [row[2] for row in remote] == [" ".join(clips[names[i]][1]) for i in order]
+  assert os.listdir(env["TMPDIR"]) == []              # no shard was copied
+  # One record of shard 1 (records 6-11): every request for the shard is a ranged read (its index from
+  # the end, then the record from its offset), none a whole-object download. (The emulator answers a
+  # suffix range "bytes=-N" with the whole object; GCS sends the last N bytes.)
+  gcs_server.REQUESTS.clear()
+  assert read(gcs.gs("inplace/train.packed.json"), [9]) == [local[0]]
+  ranges = [r for b, name, r in gcs_server.REQUESTS if (b, name) == (gcs.bucket, shard)]
+  assert ranges and all(r and r.startswith("bytes=") for r in ranges), ranges
+  record_offsets = [int(r[len("bytes="):].split("-")[0]) for r in ranges if not r.startswith("bytes=-")]
+  assert record_offsets and all(0 < o < shard_bytes for o in record_offsets), ranges
+  assert not any(name == "inplace/train-00000-of-00002.array_record" and r and not r.startswith("bytes=-")
+                 for _, name, r in gcs_server.REQUESTS)       # shard 0's records were not read
+
+  # With a cache directory: each shard copied whole, once; the records are the same.
+  cache = tmp_path / "cache"
+  assert read(gcs.gs("inplace/train.packed.json"), order, str(cache)) == local
+  cached = {name.split("-", 1)[1]: os.path.getsize(cache / name) for name in os.listdir(cache)}
+  assert cached == {"train-00000-of-00002.array_record": len(gcs.get("inplace/train-00000-of-00002.array_record")),
+                    "train-00001-of-00002.array_record": shard_bytes}
+
+
+READ_TFDS = """
+import hashlib, json, sys
+import w2v2_jax
+from w2v2_jax.data import tfds_source
+source = tfds_source.TfdsSource("train", name="tone_speech", data_dir=sys.argv[1], sizes_cache=sys.argv[2])
+rows = [[source.load(i).label, hashlib.sha1(source.load(i).audio.tobytes()).hexdigest()] for i in range(len(source))]
+print(json.dumps({"sizes": source.sizes.tolist(), "rows": rows}))
+"""
+
+
+def test_tfds_data_dir_on_gcs(gcs, tmp_path):
+  """A tfds dataset prepared in ArrayRecord format, its data dir in the bucket: the same utterances,
+  sizes and transcripts as from the local copy, and the sizes cache written to the bucket."""
+  pytest.importorskip("tensorflow")
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import numpy as np  # pylint: disable=import-outside-toplevel,redefined-outer-name,reimported
+
+  class ToneSpeech(tfds.core.GeneratorBasedBuilder):
+    """Six tones of 0.6-1.1 s with a text each."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "speech": tfds.features.Audio(sample_rate=16000, dtype=np.int16), "text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(6):
+        t = np.arange(9600 + 1600 * i) / 16000
+        yield i, {"speech": (8000 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.int16), "text": f"tone {i}"}
+
+  local_dir = tmp_path / "tfds"
+  ToneSpeech(data_dir=str(local_dir), file_format="array_record").download_and_prepare()
+  for path in sorted(local_dir.rglob("*")):
+    if path.is_file():
+      gcs.put(f"tfds/{path.relative_to(local_dir)}", path.read_bytes())
+  env = gcs.env()
+  env.pop("XLA_FLAGS", None)
+  env["JAX_PLATFORMS"] = "cpu"
+
+  def read(data_dir, cache):
+    proc = subprocess.run([sys.executable, "-c", READ_TFDS, data_dir, cache], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+  local = read(str(local_dir), str(tmp_path / "sizes.npy"))
+  remote = read(gcs.gs("tfds"), gcs.gs("tfds_sizes.npy"))
+  assert remote == local
+  assert sorted(local["sizes"]) == [9600 + 1600 * i for i in range(6)]
+  assert sorted(label for label, _ in local["rows"]) == [f"tone {i}" for i in range(6)]
+  assert np.load(io.BytesIO(gcs.get("tfds_sizes.npy"))).tolist() == local["sizes"]

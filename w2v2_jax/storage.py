@@ -44,6 +44,7 @@ def configure_emulator() -> str | None:
       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",   # its bucket-type probe is gRPC, 60 s timeouts
       "EPATH_USE_TF": "false",                        # tf.io.gfile cannot reach an emulator
       "TENSORSTORE_GCS_HTTP_URL": url,                # Orbax's array writes
+      "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,         # google-cloud-cpp (ArrayRecord's gs:// reader)
       "FSSPEC_GCS_TOKEN": "anon",                     # no credentials lookup
       "NO_GCE_CHECK": "True",
       "GCE_METADATA_HOST": _LOOPBACK_METADATA,

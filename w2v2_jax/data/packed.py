@@ -12,12 +12,19 @@ ArrayRecord shards, one record per utterance, in manifest order:
 A record is: a little-endian uint32 header length, a UTF-8 JSON header {"path": the manifest's
 relative path, "labels": {"ltr": ..., "wrd": ...}}, then the file's bytes.
 
+Chunks are stored uncompressed: the audio is compressed already (FLAC), and a second codec would
+only cost CPU on every read.
+
 `PackedSource` reads them with random access through Grain's ArrayRecordDataSource. Utterance i of
 the packed form is utterance i of the manifest, with the same size, so the batch plan and every batch
-are the same as the manifest's (and resume works the same way). ArrayRecord's reader opens local
-files only: shards at an object-store URL are copied to a local cache directory when first read
-(`cache_dir`, default $W2V2_PACKED_CACHE or <tmp>/w2v2_packed_cache, shared by the processes and runs
-of a host and checked against the object's size), one whole shard at a time.
+are the same as the manifest's (and resume works the same way). Where the shards are:
+  - local files, or gs:// objects: read in place, one ranged read per record (ArrayRecord's own GCS
+    reader, google-cloud-cpp: Application Default Credentials, `CLOUD_STORAGE_EMULATOR_ENDPOINT`
+    for an emulator, which `storage.configure_emulator` sets);
+  - any other object store (s3://, ...), or any remote URL when a cache directory is given
+    (`cache_dir` or $W2V2_PACKED_CACHE): each shard is copied whole to that local directory (default
+    <tmp>/w2v2_packed_cache, shared by the processes and runs of a host, checked against the
+    object's size) the first time it is read.
 """
 from __future__ import annotations
 
@@ -42,7 +49,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "w2v2_jax.packed/1"
 INDEX_SUFFIX = ".packed.json"
-WRITER_OPTIONS = "group_size:1"        # one record per chunk: random access without decoding neighbours
+WRITER_OPTIONS = "group_size:1,uncompressed"   # one record per chunk (random access without decoding
+                                              # neighbours); FLAC is compressed already
 
 
 def is_packed(path: str) -> bool:
@@ -176,8 +184,13 @@ class PackedSource:
       return self._reader
 
   def _local(self, shard: str) -> str:
+    """The path ArrayRecord opens for `shard`: itself (local, or gs:// read in place) or a cached copy."""
     if not storage.is_remote(shard):
       if not os.path.isfile(shard):
+        raise FileNotFoundError(f"{self.index_path}: shard {shard} is missing")
+      return shard
+    if shard.startswith("gs://") and self._cache_dir is None:
+      if not storage.isfile(shard):
         raise FileNotFoundError(f"{self.index_path}: shard {shard} is missing")
       return shard
     if self._cache_dir is None:      # shared by runs and processes on this host

@@ -8,16 +8,19 @@ They are imported only when a TfdsSource is built.
 
 tfds stores no utterance lengths, so `sizes` needs one pass over the split decoding every example;
 pass `sizes_cache` (a .npy path) to do it once.
+
+`data_dir` and `sizes_cache` may be gs:// URLs: tfds reads through etils.epath, the ArrayRecord
+files through ArrayRecord's own GCS reader (tested against a GCS emulator: tests/test_object_storage.py).
 """
 from __future__ import annotations
 
 import io
 import logging
-import os
 from typing import Any
 
 import numpy as np
 
+from w2v2_jax import storage
 from w2v2_jax.data.audio import (
   AudioError,
   load_audio_with_info,
@@ -93,13 +96,15 @@ class TfdsSource:
   def _sizes(self, sizes, cache) -> np.ndarray:
     if sizes is not None:
       sizes = np.asarray(sizes, np.int64)
-    elif cache and os.path.exists(cache):
-      sizes = np.load(cache).astype(np.int64)
+    elif cache and storage.exists(cache):
+      sizes = np.load(storage.bytes_io(cache)).astype(np.int64)
     else:
       log.info("tfds: computing the sizes of %d utterances of %s (one pass)", len(self), self._name)
       sizes = np.asarray([self._length(i) for i in range(len(self))], np.int64)
       if cache:
-        np.save(cache, sizes)
+        buf = io.BytesIO()
+        np.save(buf, sizes)
+        storage.write_bytes(cache, buf.getvalue())
     if sizes.shape != (len(self),):
       raise ValueError(f"{self._name}: {sizes.shape[0]} sizes for {len(self)} utterances")
     return sizes
