@@ -12,4 +12,4 @@ __version__ = "0.1.0"
 
 from w2v2_jax import storage as _storage
 
-_storage.configure_emulator()   # only when STORAGE_EMULATOR_HOST is set; before anything imports gcsfs
+_storage.configure()   # epath through fsspec; an emulator's settings if STORAGE_EMULATOR_HOST is set

@@ -5,10 +5,11 @@ files, audio, vocabularies, run directories (metrics, best.json, valid.jsonl), e
 hypotheses. Orbax writes the checkpoints themselves through the same epath layer plus tensorstore.
 Local paths keep plain `open()` speed; a URL goes to gcsfs (the `gcs` extra) or s3fs.
 
+epath goes through fsspec even where TensorFlow is installed (`configure()`, at import).
 A local GCS API server (e.g. `gcp-storage-emulator`) is reached by setting `STORAGE_EMULATOR_HOST`
 (http://HOST:PORT) before the first storage call; `configure_emulator()` then sets what each client
-needs to use it: gcsfs without its gRPC bucket-type probe and anonymous, epath through fsspec rather
-than TensorFlow's GCS filesystem, tensorstore (Orbax) at the same server, and no GCE metadata lookups.
+needs to use it: gcsfs without its gRPC bucket-type probe and anonymous, tensorstore (Orbax) and
+google-cloud-cpp (ArrayRecord) at the same server, and no GCE metadata lookups.
 """
 from __future__ import annotations
 
@@ -31,18 +32,28 @@ EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _LOOPBACK_METADATA = "127.0.0.1:9"        # a closed loopback port: metadata lookups fail at once
 
 
+def configure() -> str | None:
+  """Library-wide storage defaults; `w2v2_jax/__init__.py` calls it before anything imports gcsfs.
+
+  epath (ours, Orbax's, tfds') goes through fsspec (gcsfs, s3fs) even where TensorFlow is installed:
+  TensorFlow's file systems return objects our text layer cannot wrap and have no s3:// (it moved to
+  tensorflow-io), and fsspec is the path the tests run. EPATH_USE_TF=true in the environment wins.
+  Then `configure_emulator()`. Returns the emulator's URL or None."""
+  os.environ.setdefault("EPATH_USE_TF", "false")
+  return configure_emulator()
+
+
 def configure_emulator() -> str | None:
   """When STORAGE_EMULATOR_HOST names a GCS API server, point every client at it; returns its URL.
 
   Only defaults are set (a value already in the environment wins). Must run before gcsfs is
-  imported; `w2v2_jax/__init__.py` calls it."""
+  imported (`configure()` calls it)."""
   host = os.environ.get(EMULATOR_ENV, "")
   if not host or host == "default":
     return None
   url = host if host.startswith(("http://", "https://")) else f"http://{host}"
   defaults = {
       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",   # its bucket-type probe is gRPC, 60 s timeouts
-      "EPATH_USE_TF": "false",                        # tf.io.gfile cannot reach an emulator
       "TENSORSTORE_GCS_HTTP_URL": url,                # Orbax's array writes
       "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,         # google-cloud-cpp (ArrayRecord's gs:// reader)
       "FSSPEC_GCS_TOKEN": "anon",                     # no credentials lookup
@@ -96,10 +107,11 @@ def open_file(path: PathLike, mode: str = "r", encoding: str | None = "utf-8") -
     return open(os.fspath(path), mode, encoding=encoding)
   if "a" in mode:
     raise ValueError(f"{path}: object stores cannot append; rewrite the whole object")
-  binary = as_path(path).open(mode if "b" in mode else mode + "b")
-  if "b" in mode:
+  import fsspec  # pylint: disable=import-outside-toplevel
+  binary = fsspec.open(os.fspath(path), mode if "b" in mode else mode + "b").open()   # a file, whatever
+  if "b" in mode:                                                                     # epath's backend
     return binary
-  return io.TextIOWrapper(binary, encoding=encoding or "utf-8")   # epath's fsspec backend drops `encoding`
+  return io.TextIOWrapper(binary, encoding=encoding or "utf-8")
 
 
 def read_text(path: PathLike) -> str:

@@ -110,6 +110,19 @@ def _as_config(config_json: Union[str, Mapping[str, Any], None]) -> Optional[Any
   return json.loads(config_json) if isinstance(config_json, (str, bytes)) else dict(config_json)
 
 
+def check_run_dir(workdir: Union[str, epath.PathLike]) -> str:
+  """The run directory as Orbax needs it (local paths made absolute); ValueError for a URL Orbax
+  cannot write checkpoints to (anything but gs://, e.g. s3://: this Orbax turns it into a relative path)."""
+  workdir = os.fspath(workdir)
+  if "://" not in workdir:   # Orbax's tensorstore layer refuses relative local paths
+    return os.path.abspath(workdir)
+  if not workdir.startswith("gs://"):
+    raise ValueError(f"run directory {workdir}: Orbax {getattr(ocp, '__version__', '')} writes checkpoints to "
+                     "local paths and gs:// only (it turns other URLs into relative paths); put the run "
+                     "directory on gs:// or a local or mounted path (the data may stay where it is)")
+  return workdir
+
+
 class Checkpointer:
   """Saves and restores {state, data-iterator state, run config} under `<workdir>/checkpoints`.
 
@@ -127,9 +140,7 @@ class Checkpointer:
                async_save: bool = True):
     if keep < 1 or save_every < 1:
       raise ValueError(f"keep={keep} and save_every={save_every} must both be >= 1")
-    workdir = os.fspath(workdir)
-    if "://" not in workdir:   # Orbax's tensorstore layer refuses relative local paths
-      workdir = os.path.abspath(workdir)
+    workdir = check_run_dir(workdir)
     self.directory = epath.Path(workdir) / CHECKPOINT_DIR
     self.save_every = int(save_every)
     self._config = None

@@ -166,6 +166,7 @@ def pretrain(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
 
   Returns the last logged metrics.
   """
+  checkpoint.check_run_dir(workdir)       # before any work: a run directory Orbax cannot write to
   parallel.initialize_distributed()
   model_cfg = ModelConfig.from_any(config.model).replace(task="pretrain")
   module, tx, step_fn = pretrain_step_fn(config, model_cfg)
@@ -243,6 +244,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   """Runs (or resumes) CTC fine-tuning. The best model by validation WER (or CER, with
   config.train.best_metric="cer") is exported as a Hugging Face directory (config.json,
   model.safetensors, vocab.json) to `<workdir>/export`; `<workdir>/best.json` says which step."""
+  checkpoint.check_run_dir(workdir)
   from w2v2_jax import export  # pylint: disable=import-outside-toplevel
   metric = str(config.train.get("best_metric", "wer"))
   if metric not in ("wer", "cer"):
