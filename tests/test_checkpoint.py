@@ -113,6 +113,22 @@ def test_relative_workdir(tmp_path, monkeypatch):
   _leaves_equal(state, restored)
 
 
+def test_run_directories_orbax_cannot_write_are_refused(tmp_path):
+  """s3:// (this Orbax turns it into a relative path) is refused by the checkpointer and by the training
+  loops before any work, naming the directory; gs:// and local paths pass."""
+  from w2v2_jax import configs  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
+  assert ckpt_lib.check_run_dir("gs://bucket/run") == "gs://bucket/run"
+  assert ckpt_lib.check_run_dir("rel/run") == os.path.abspath("rel/run")
+  with pytest.raises(ValueError, match=r"run directory s3://bucket/run: Orbax .* gs://"):
+    Checkpointer("s3://bucket/run")
+  cfg = configs.get("pretrain", "tiny")
+  cfg.data.train_manifest = str(tmp_path / "missing.tsv")     # never read: the refusal comes first
+  for train in (loop.pretrain, loop.finetune):
+    with pytest.raises(ValueError, match="run directory s3://bucket/run"):
+      train(cfg if train is loop.pretrain else configs.get("finetune", "tiny"), "s3://bucket/run")
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path):
   state = _state()
   with Checkpointer(tmp_path, save_every=1) as ckpt:

@@ -3,9 +3,9 @@
 The same path layer as gs:// (storage.py: fsspec, here s3fs), reached through `FSSPEC_S3_ENDPOINT_URL`:
 `w2v2 manifest` on the bucket's audio, `pack` into the bucket, `finetune` on the packed shards (which
 come through the local shard cache: ArrayRecord reads gs:// and local files only) validating on the
-bucket's manifest, `evaluate` and `transcribe` of the bucket's audio. The run directory is local:
-Orbax writes checkpoints to local paths and gs:// only, and a run directory on s3:// is refused with
-a message saying so. The test's own client is boto3, independent of the library's layer.
+bucket's manifest, `evaluate` of the bucket's audio into the bucket. The run directory is local:
+Orbax writes checkpoints to local paths and gs:// only (test_checkpoint tests that an s3:// run
+directory is refused). The test's own client is boto3, independent of the library's layer.
 """
 import io
 import os
@@ -40,10 +40,9 @@ def s3():
     server.stop()
 
 
-def run(args, env, cwd, timeout=600, ok=True):
+def run(args, env, cwd, timeout=600):
   proc = subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-  if ok:
-    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+  assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
   return proc
 
 
@@ -87,11 +86,3 @@ def test_data_on_s3(s3, tmp_path):
   out = run(["evaluate", f"--checkpoint={run_dir}", f"--data={gs('manifests/valid.tsv')}", "--label=ltr",
              f"--out={gs('eval/hyp.tsv')}"], env, tmp_path).stdout
   assert "WER" in out.upper() and len(get("eval/hyp.tsv").decode().splitlines()) == 1 + len(splits["valid"])
-  first = gs(f"audio/{splits['valid'][0][0]}")
-  assert run(["transcribe", first, f"--checkpoint={run_dir}"], env, tmp_path).stdout.startswith(first + "\t")
-
-  refused = run(["pretrain", "--config=pretrain:tiny", f"--workdir={gs('runs/pt')}",
-                 f"--config.data.train_manifest={gs('manifests/train.tsv')}", "--config.train.steps=2"],
-                env, tmp_path, ok=False)
-  assert refused.returncode != 0
-  assert f"run directory {gs('runs/pt')}" in refused.stderr and "gs://" in refused.stderr
