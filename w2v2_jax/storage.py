@@ -35,11 +35,14 @@ _LOOPBACK_METADATA = "127.0.0.1:9"        # a closed loopback port: metadata loo
 def configure() -> str | None:
   """Library-wide storage defaults; `w2v2_jax/__init__.py` calls it before anything imports gcsfs.
 
-  epath (ours, Orbax's, tfds') goes through fsspec (gcsfs, s3fs) even where TensorFlow is installed:
+  epath (ours, Orbax's, tfds', the whole process's and its children's: it is an environment variable)
+  goes through fsspec (gcsfs, s3fs) even where TensorFlow is installed, when gcsfs is installed:
   TensorFlow's file systems return objects our text layer cannot wrap and have no s3:// (it moved to
   tensorflow-io), and fsspec is the path the tests run. EPATH_USE_TF=true in the environment wins.
   Then `configure_emulator()`. Returns the emulator's URL or None."""
-  os.environ.setdefault("EPATH_USE_TF", "false")
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec("gcsfs") is not None:      # else TensorFlow's gs:// stays epath's way there
+    os.environ.setdefault("EPATH_USE_TF", "false")
   return configure_emulator()
 
 

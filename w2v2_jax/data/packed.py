@@ -161,7 +161,7 @@ class PackedSource:
     self.label_key = label
     self._shards = [storage.join(directory, s["file"]) for s in index["shards"]]
     self._counts = [int(s["records"]) for s in index["shards"]]
-    self._cache_dir = cache_dir or os.environ.get("W2V2_PACKED_CACHE")
+    self._cache_dir = cache_dir or os.environ.get("W2V2_PACKED_CACHE") or None     # "" = no cache
     self._lock = threading.Lock()
     self._reader = None
 

@@ -117,9 +117,10 @@ def check_run_dir(workdir: Union[str, epath.PathLike]) -> str:
   if "://" not in workdir:   # Orbax's tensorstore layer refuses relative local paths
     return os.path.abspath(workdir)
   if not workdir.startswith("gs://"):
-    raise ValueError(f"run directory {workdir}: Orbax {getattr(ocp, '__version__', '')} writes checkpoints to "
-                     "local paths and gs:// only (it turns other URLs into relative paths); put the run "
-                     "directory on gs:// or a local or mounted path (the data may stay where it is)")
+    raise ValueError(f"run directory {workdir}: Orbax {getattr(ocp, '__version__', '')} reads and writes checkpoints "
+                     "in local paths and gs:// only (it turns other URLs into relative paths); put the run "
+                     "directory (or the pretraining run given as init) on gs:// or a local or mounted path; "
+                     "the data may stay where it is")
   return workdir
 
 
