@@ -78,6 +78,7 @@ def get_config(arg: str = "base_10m") -> ml_collections.ConfigDict:
       mask_prob=mask_prob, mask_channel_prob=channel_prob, mask_channel_length=64)
   c = ml_collections.ConfigDict()
   c.init = ""                       # pretrained model: run dir, HF dir or fairseq .pt ("" = from scratch)
+  c.reinit_layers = 0               # top transformer layers of `init` given their random initialisation
   c.model = ml_collections.ConfigDict(model.to_dict())
   c.data = ml_collections.ConfigDict(dict(
       train_manifest="", valid_manifest="", label="ltr", vocab="",

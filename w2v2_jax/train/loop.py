@@ -219,6 +219,21 @@ def load_pretrained(path: str) -> Tuple[ModelConfig, Any]:
   raise ValueError(f"init={path!r} is neither a run directory, a Hugging Face directory nor a checkpoint file")
 
 
+def reinit_top_layers(pretrained: Any, fresh: Any, count: int, cfg: ModelConfig) -> Any:
+  """The pretrained backbone with its top `count` transformer layers taken from `fresh` (the model's
+  random initialisation), in the layout of `cfg` (per layer or stacked). The last layers of a
+  contrastive model specialise to the pretext task (docs/pretraining_at_demo_scale.md: at the demo's
+  scale, re-initialising the top one turned a blank-only fine-tuning into the best one)."""
+  if not 0 <= count <= cfg.encoder_layers:
+    raise ValueError(f"config.reinit_layers={count} must be between 0 and the model's {cfg.encoder_layers} layers")
+  if count == 0:
+    return pretrained
+  out, new = models.layer_layout(pretrained, False), models.layer_layout(fresh, False)
+  for i in range(cfg.encoder_layers - count, cfg.encoder_layers):
+    out["encoder"][f"layers_{i}"] = new["encoder"][f"layers_{i}"]
+  return models.layer_layout(out, cfg.scan_layers)
+
+
 TEXT_STATS = ("text_empty", "text_oov", "text_too_long")   # transcripts the step weights out
 
 
@@ -259,7 +274,10 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
     expected = jax.tree_util.tree_map(np.shape, params["wav2vec2"])
     if jax.tree_util.tree_map(np.shape, backbone) != expected:
       raise ValueError(f"init={config.init!r}: its backbone does not match the model config")
-    params["wav2vec2"] = backbone
+    params["wav2vec2"] = reinit_top_layers(backbone, params["wav2vec2"], int(config.get("reinit_layers", 0)),
+                                           model_cfg)
+  elif int(config.get("reinit_layers", 0)):
+    raise ValueError("config.reinit_layers needs config.init (a pretrained model)")
   total = int(config.train.steps)
   geometry = batch_geometry(config, jax.device_count())
   # tfds LibriSpeech transcripts are words; manifests use data.label (.ltr or .wrd beside the .tsv).
