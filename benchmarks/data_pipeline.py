@@ -97,7 +97,7 @@ def main() -> None:
     try:
       import gcs_server  # pylint: disable=import-outside-toplevel
       server = gcs_server.GcsServerProcess()    # its own process: the server does not share our GIL
-      os.environ.update(gcs_server.GcsServer.env(server, {}))   # before w2v2_jax configures its clients
+      os.environ.update(server.env({}))   # before w2v2_jax configures its clients
     except ImportError as e:
       print(f"no GCS emulator ({e}): local disk only")
   from w2v2_jax import storage  # pylint: disable=import-outside-toplevel

@@ -151,8 +151,7 @@ class PackedSource:
       raise ValueError(f"{self.index_path}: format {index.get('format')!r}, expected {FORMAT!r}")
     prefix = self.index_path[:-len(INDEX_SUFFIX)]
     directory = storage.dirname(self.index_path)
-    with storage.open_file(prefix + ".sizes.npy", "rb") as f:
-      self.sizes = np.load(io.BytesIO(f.read()))
+    self.sizes = np.load(storage.bytes_io(prefix + ".sizes.npy"))
     if len(self.sizes) != index["utterances"] or sum(s["records"] for s in index["shards"]) != len(self.sizes):
       raise ValueError(f"{self.index_path}: {len(self.sizes)} sizes, {index['utterances']} utterances and "
                        f"{sum(s['records'] for s in index['shards'])} records disagree")
@@ -185,11 +184,7 @@ class PackedSource:
 
   def _local(self, shard: str) -> str:
     """The path ArrayRecord opens for `shard`: itself (local, or gs:// read in place) or a cached copy."""
-    if not storage.is_remote(shard):
-      if not os.path.isfile(shard):
-        raise FileNotFoundError(f"{self.index_path}: shard {shard} is missing")
-      return shard
-    if shard.startswith("gs://") and self._cache_dir is None:
+    if not storage.is_remote(shard) or (shard.startswith("gs://") and self._cache_dir is None):
       if not storage.isfile(shard):
         raise FileNotFoundError(f"{self.index_path}: shard {shard} is missing")
       return shard

@@ -264,6 +264,9 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
   metric = str(config.train.get("best_metric", "wer"))
   if metric not in ("wer", "cer"):
     raise ValueError(f"config.train.best_metric must be 'wer' or 'cer', got {metric!r}")
+  reinit = int(config.get("reinit_layers", 0))
+  if reinit and not config.init:
+    raise ValueError("config.reinit_layers needs config.init (a pretrained model)")
   parallel.initialize_distributed()
   vocab = load_vocabulary(config.data.vocab)
   model_cfg, backbone = finetune_model_config(config, len(vocab))
@@ -274,10 +277,7 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
     expected = jax.tree_util.tree_map(np.shape, params["wav2vec2"])
     if jax.tree_util.tree_map(np.shape, backbone) != expected:
       raise ValueError(f"init={config.init!r}: its backbone does not match the model config")
-    params["wav2vec2"] = reinit_top_layers(backbone, params["wav2vec2"], int(config.get("reinit_layers", 0)),
-                                           model_cfg)
-  elif int(config.get("reinit_layers", 0)):
-    raise ValueError("config.reinit_layers needs config.init (a pretrained model)")
+    params["wav2vec2"] = reinit_top_layers(backbone, params["wav2vec2"], reinit, model_cfg)
   total = int(config.train.steps)
   geometry = batch_geometry(config, jax.device_count())
   # tfds LibriSpeech transcripts are words; manifests use data.label (.ltr or .wrd beside the .tsv).
