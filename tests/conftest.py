@@ -13,3 +13,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
   sys.path.insert(0, TESTS)
+
+# One persistent XLA compilation cache for the whole run, shared by the xdist workers and every subprocess
+# the tests start (the CLI, the demo, the notebooks, the multi-host workers): the same programs (a train
+# step of the same config and shapes) are compiled once, not once per process or per jit object. Created
+# by the process that starts the run (before xdist spawns the workers, which inherit the environment) and
+# removed when it exits; a JAX_COMPILATION_CACHE_DIR set by the caller is used as given and kept.
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _CACHE = tempfile.mkdtemp(prefix="w2v2-jax-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)

@@ -51,6 +51,18 @@ def test_tiny_step_fits_v5e_8_and_accumulation_costs_no_memory(worker):
   assert one["ideal_update_seconds"] == pytest.approx(one["flops_per_chip"] / 197e12)
 
 
+def test_sharded_state_takes_an_eighth_of_the_chip(worker):
+  """parallel.mode="fsdp" compiled for v5e-8 (the scanned accumulation, params gathered inside it): params
+  and Adam moments per chip fall to about 1/8 of the replicated step's, and so do the step's arguments
+  (state + batch); the update's model FLOPs are the same."""
+  rep, sharded = worker["reports"]["8"], worker["reports"]["fsdp"]
+  assert (rep["parallel"], sharded["parallel"]) == ("shard_map", "fsdp") and sharded["fits"]
+  assert sharded["state_bytes_per_chip"] <= rep["state_bytes_per_chip"] / 8 * 1.1
+  state_saved = rep["state_bytes_per_chip"] - sharded["state_bytes_per_chip"]
+  assert rep["argument_bytes"] - sharded["argument_bytes"] == pytest.approx(state_saved, rel=0.05)
+  assert sharded["flops_per_chip"] == pytest.approx(rep["flops_per_chip"], rel=0.01)
+
+
 def test_flop_counter_agrees_with_xla_without_loops(worker):
   cpu = worker["cpu"]
   assert cpu["jaxpr_flops"] == pytest.approx(cpu["xla_flops"], rel=0.05)

@@ -202,3 +202,42 @@ def test_pretraining_loss_train_mode_prob_perplexity(tmp_path, monkeypatch):
   total = c["loss"] + cfg.diversity_weight * losses.diversity(out["prob_perplexity"],
                                                               cfg.num_codevectors) * c["sample_size"]
   np.testing.assert_allclose(float(total), float(ref.loss.detach()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["xlsr_300m", "xlsr_1b", "xlsr_2b"])
+def test_xlsr_shaped_hf_model(preset, tmp_path):
+  """An HF directory shaped like XLS-R (its layout and positional conv, 3 narrow layers instead of 24/48
+  wide ones) loads with the preset's layout and matches HF's hidden states."""
+  from w2v2_jax.models import presets  # pylint: disable=import-outside-toplevel
+  want = presets.get(preset)
+  hf = make_hf(transformers.Wav2Vec2Model, "layer_preln", tmp_path, seed=3,
+               num_conv_pos_embeddings=want.conv_pos, num_conv_pos_embedding_groups=want.conv_pos_groups,
+               num_attention_heads=want.encoder_attention_heads, hidden_size=want.encoder_attention_heads * 4)
+  cfg, params = convert.from_hf(tmp_path)
+  layout = ("extractor_mode", "conv_bias", "layer_norm_first", "conv_pos", "conv_pos_groups",
+            "encoder_attention_heads")
+  assert {k: getattr(cfg, k) for k in layout} == {k: getattr(want, k) for k in layout}
+  assert [c[1:] for c in cfg.conv_layers] == [c[1:] for c in want.conv_layers]     # kernels and strides
+  audio, pad = batch(True, seed=3)
+  with torch.no_grad():
+    ref = hf(torch.from_numpy(audio), attention_mask=hf_attention_mask(pad)).last_hidden_state.numpy()
+  out = models.build(cfg).apply({"params": params}, jnp.asarray(audio), jnp.asarray(pad))
+  frame_pad = np.asarray(out["frame_padding_mask"])
+  np.testing.assert_allclose(valid(out["last_hidden_state"], frame_pad), valid(ref, frame_pad), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("preset,low,high", [("xlsr_300m", 0.3e9, 0.33e9), ("xlsr_1b", 0.95e9, 1.0e9),
+                                              ("xlsr_2b", 2.1e9, 2.2e9)])
+def test_xlsr_presets_have_the_published_sizes(preset, low, high):
+  """The XLS-R presets' encoders have exactly the parameter count of HF's Wav2Vec2Model of the same
+  config (built on the meta device: no memory), which is the model's name: 300M, 1B, 2B."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.models import presets  # pylint: disable=import-outside-toplevel
+  cfg = presets.get(preset).replace(task="encoder")
+  shapes = jax.eval_shape(lambda: models.build(cfg).init({"params": jax.random.PRNGKey(0)},
+                                                         jnp.zeros((1, 16000), jnp.float32))["params"])
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+  config = transformers.Wav2Vec2Config(**convert.model_config_to_hf(cfg))
+  with torch.device("meta"):
+    theirs = sum(p.numel() for p in transformers.Wav2Vec2Model(config).parameters())
+  assert ours == theirs and low <= ours <= high, (ours, theirs)

@@ -22,6 +22,12 @@ large_lv60  LARGE on Libri-Light 60k h: pre-LN, layer-norm conv encoder, no drop
             waveforms, no feature penalty, 600k updates. lr 3e-4 as the paper (Table 6 / Sec. 4.2):
             fairseq's shipped yaml says 0.005, with which users report divergence and codebook
             collapse; 3e-4 is what the paper trained with.
+xlsr_300m   XLS-R sizes (Babu et al., 2021; the LV-60k layout): 315M / 962M / 2.16B encoder parameters
+xlsr_1b     (HF's Wav2Vec2Model counts, tests/test_hf_reference.py). Sharded state (parallel.mode="fsdp",
+xlsr_2b     train/fsdp.py) and remat; training values are large_lv60's (buckets up to 20 s, normalised
+            waveforms, lr 3e-4, 600k updates): set the XLS-R paper's batch, lr and steps for a real run.
+            Check the slice first, e.g. `w2v2 compile-check --config=pretrain:xlsr_1b --topology=v5p-64
+            --config.model.dtype=bfloat16` (figures: README, "Models bigger than a chip's share").
 small       The demo: a 2.2M-parameter model on the synthetic corpus of `w2v2 make-corpus` (1 h of
             espeak-ng / flite / festival speech), 2 CPU cores: 3000 updates in about 12 minutes.
 tiny        A 0.1M-parameter model on a few minutes of audio, 2 CPU cores: 200 updates in a few
@@ -37,8 +43,9 @@ from w2v2_jax.models import presets
 
 
 def get_config(arg: str = "base") -> ml_collections.ConfigDict:
-  if arg not in ("base", "large", "large_lv60", "small", "tiny"):
-    raise ValueError(f"unknown pretraining config {arg!r}; choose base, large, large_lv60, small or tiny")
+  names = ("base", "large", "large_lv60", "xlsr_300m", "xlsr_1b", "xlsr_2b", "small", "tiny")
+  if arg not in names:
+    raise ValueError(f"unknown pretraining config {arg!r}; choose one of {', '.join(names)}")
   c = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict(presets.get(arg).to_dict())
 
@@ -74,13 +81,19 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
       checkpoint_every=2000,
       keep_checkpoints=3,
   ))
-  c.parallel = ml_collections.ConfigDict(dict(mode="shard_map"))   # or "pmap"
-  if arg.startswith(("base", "large")):
+  # mode: "shard_map" (replicated state), "pmap", or "fsdp" (params and moments sharded over the devices:
+  # train/fsdp.py); fsdp_min_size: leaves with fewer elements stay replicated in mode "fsdp".
+  c.parallel = ml_collections.ConfigDict(dict(mode="shard_map", fsdp_min_size=4096))
+  xlsr = arg.startswith("xlsr")
+  if arg.startswith(("base", "large")) or xlsr:
     # Recompute each transformer layer in the backward pass: no change to the numbers; chosen from
     # `w2v2 compile-check` (BASE on TPU v5e-8, bf16: 17.2 GiB per chip without, 7.3 GiB with).
     c.model.remat = "full"
 
-  if arg in ("large", "large_lv60"):
+  if xlsr:
+    c.parallel.mode = "fsdp"       # 16 bytes per parameter replicated: 15 GiB for 1B, 35 GiB for 2B
+    c.model.scan_layers = True     # one layer's program for 24 / 48 layers: compile time and host memory
+  if arg in ("large", "large_lv60") or xlsr:
     c.data.max_sample_size = 320000
     c.data.buckets = (32000, 80000, 160000, 320000)
     c.batch.global_seconds = 1.2e6 * 128 / SAMPLE_RATE      # 128 GPUs x 1.2M samples
@@ -88,7 +101,7 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     c.optim.lr = 3e-4
     c.train.latent_temp = (2.0, 0.1, 0.999995)
     c.train.steps = 250000 if arg == "large" else 600000
-    c.data.normalize = arg == "large_lv60"
+    c.data.normalize = arg != "large"
   elif arg == "small":
     c.data.min_sample_size = 16000
     c.data.max_sample_size = 48000

@@ -106,10 +106,8 @@ def task_of(config: Any) -> str:
   return "finetune" if "init" in config else "pretrain"
 
 
-def _abstract(tree, sharding):
-  def one(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-  return jax.tree_util.tree_map(one, tree)
+def _abstract(tree, shardings):
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def build(config: Any, devices: list, *, bucket: Optional[int] = None):
@@ -120,7 +118,7 @@ def build(config: Any, devices: list, *, bucket: Optional[int] = None):
   """
   from w2v2_jax.data import batching  # pylint: disable=import-outside-toplevel
   from w2v2_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
-  from w2v2_jax.train import loop, parallel  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.train import fsdp, loop, parallel  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import step as train_step  # pylint: disable=import-outside-toplevel
 
   task = task_of(config)
@@ -137,11 +135,14 @@ def build(config: Any, devices: list, *, bucket: Optional[int] = None):
   if length not in buckets:
     raise ValueError(f"bucket {length} is not one of data.buckets={buckets}")
   rows = batching.bucket_batch_sizes(buckets, geometry["batch_samples"], n)[length]
-  runner = parallel.DataParallel(step_fn, "shard_map", devices)
+  # The state as the run lays it out: replicated (shard_map, and pmap's equivalent) or sharded (fsdp).
+  mode = "fsdp" if config.parallel.mode == "fsdp" else "shard_map"
+  runner = parallel.DataParallel(step_fn, mode, devices,
+                                 min_shard_size=int(config.parallel.get("fsdp_min_size", fsdp.DEFAULT_MIN_SIZE)))
   params = jax.eval_shape(lambda: module.init({"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1)},
                                               jnp.zeros((1, min(buckets)), jnp.float32))["params"])
   state = jax.eval_shape(lambda p: train_step.init_state(p, tx, jax.random.key(0)), params)
-  state = _abstract(state, NamedSharding(runner.mesh, P()))
+  state = _abstract(state, runner.state_shardings(state))
   a = geometry["accumulate"]
   batch_sharding = NamedSharding(runner.mesh, P(None, parallel.AXIS))
   shapes = {"audio": ((a, rows, length), jnp.float32), "padding_mask": ((a, rows, length), jnp.bool_)}
@@ -152,7 +153,12 @@ def build(config: Any, devices: list, *, bucket: Optional[int] = None):
     shapes.update(labels=((a, rows, width), jnp.int32), label_padding=((a, rows, width), jnp.bool_),
                   weight=((a, rows), jnp.float32))
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
-  info = {"task": task, "devices": n, "accumulate": a, "rows": rows, "rows_per_device": rows // n,
+  def per_chip(x):           # bytes of one device's share of a state leaf
+    share = x.sharding.shard_shape(x.shape)
+    return int(np.prod(share)) * np.dtype(x.dtype).itemsize if x.shape else np.dtype(x.dtype).itemsize
+  leaves = jax.tree_util.tree_leaves({"p": state["params"], "o": state["opt_state"]})
+  info = {"task": task, "devices": n, "parallel": mode,
+          "state_bytes_per_chip": int(sum(per_chip(x) for x in leaves)), "accumulate": a, "rows": rows, "rows_per_device": rows // n,
           "samples": length, "buckets": buckets, "model_dtype": model_cfg.dtype, "remat": model_cfg.remat,
           "params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params))),
           "audio_seconds_per_update": a * rows * length / float(config.data.sample_rate)}
@@ -185,7 +191,7 @@ def compile_check(config: Any, topology_name: str, *, bucket: Optional[int] = No
   start = time.monotonic()
   try:
     with backend.compiling_for("tpu"):
-      traced = runner._step.trace(state, batch)  # pylint: disable=protected-access
+      traced = runner.jitted(state).trace(state, batch)
       compiled = traced.lower().compile()
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError: out of HBM, unsupported op, ...)
     raise CompileError(f"{topology_name}: the {info['task']} step does not compile: {e}", info) from e
@@ -231,7 +237,8 @@ def format_report(r: Dict[str, Any], top_ops: int = 0) -> str:
   lines = [
       f"topology        {r['topology']}: {r['chips']} x {r['chip']} ({r['hbm_gib']:g} GiB HBM, "
       f"{r['peak_tflops']:g} TFLOP/s bf16 per chip)",
-      f"step            {r['task']}, {r['params'] / 1e6:.1f}M params, dtype {r['model_dtype']}, remat {r['remat']}",
+      f"step            {r['task']}, {r['params'] / 1e6:.1f}M params, dtype {r['model_dtype']}, remat {r['remat']}, "
+      f"parallel {r.get('parallel', 'shard_map')}: params + Adam moments {gib(r.get('state_bytes_per_chip', 0))} per chip",
       f"batch           bucket {r['samples']} samples; {r['rows_per_device']} rows x {r['samples']} samples per chip "
       f"per micro-batch, accumulation {r['accumulate']} -> {r['audio_seconds_per_update']:.0f} s of audio per update",
       f"compile time    {r['compile_seconds']:.1f} s",

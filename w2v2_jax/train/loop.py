@@ -20,7 +20,7 @@ from w2v2_jax import models, plots, storage
 from w2v2_jax.data import augment as augment_lib
 from w2v2_jax.data import pipeline
 from w2v2_jax.models.config import ModelConfig
-from w2v2_jax.train import checkpoint, metrics as metrics_lib, optimizer, parallel, schedules, validation
+from w2v2_jax.train import checkpoint, fsdp, metrics as metrics_lib, optimizer, parallel, schedules, validation
 from w2v2_jax.train import step as train_step
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def pretrain_step_fn(config: Any, model_cfg: ModelConfig):
   tx = optimizer.make(config.optim, total)
   step_fn = functools.partial(train_step.pretrain_step, module=module, tx=tx,
                               lr_schedule=schedules.learning_rate(config.optim, total),
-                              latent_temp=tuple(config.train.latent_temp))
+                              latent_temp=tuple(config.train.latent_temp),
+                              clip_norm=float(config.optim.clip_norm))
   return module, tx, step_fn
 
 
@@ -62,7 +63,8 @@ def finetune_step_fn(config: Any, model_cfg: ModelConfig, blank_id: int = 0):
   step_fn = functools.partial(train_step.finetune_step, module=module, tx=tx,
                               lr_schedule=schedules.learning_rate(config.optim, total),
                               freeze_updates=freeze, blank_id=blank_id,
-                              freeze_mode="always" if freeze >= total else "auto")
+                              freeze_mode="always" if freeze >= total else "auto",
+                              clip_norm=float(config.optim.clip_norm))
   return module, tx, step_fn
 
 
@@ -99,6 +101,12 @@ def _make_iterator(config: Any, source, geometry: Dict[str, int], mode: str):
       prefetch=data.prefetch, augment=augment_lib.AugmentConfig.from_any(data.get("augment")))
 
 
+def make_runner(config: Any, step_fn: Callable) -> parallel.DataParallel:
+  """The DataParallel runner of config.parallel (mode; fsdp_min_size for mode "fsdp")."""
+  return parallel.DataParallel(step_fn, config.parallel.mode,
+                               min_shard_size=int(config.parallel.get("fsdp_min_size", fsdp.DEFAULT_MIN_SIZE)))
+
+
 def _config_json(config: Any) -> str:
   return config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else json.dumps(config)
 
@@ -113,18 +121,24 @@ def _run(config: Any, workdir: str, *, step_fn: Callable, params: Any, tx, itera
   """
   total = int(config.train.steps)
   data = config.data
-  runner = parallel.DataParallel(step_fn, config.parallel.mode)
+  runner = make_runner(config, step_fn)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                  save_every=config.train.checkpoint_every)
   state = train_step.init_state(params, tx, jax.random.key(config.train.seed))
   start = 0
-  if ckpt.latest_step() is not None:
+  resume = ckpt.latest_step() is not None
+  if runner.mode != "pmap":
+    # Laid out on the mesh first, then restored into that layout: each device reads only its slices of
+    # a sharded state, whatever mode or device count the checkpoint was written with.
+    state = runner.put_state(state)
+  if resume:
     state, data_state = ckpt.restore(state_template=state)
     if data_state is not None:
       iterator.set_state(data_state)
     start = int(jax.device_get(state["step"]))
     log.info("resumed from step %d in %s", start, workdir)
-  state = runner.put_state(state)
+  if runner.mode == "pmap":
+    state = runner.put_state(state)
   config_json = _config_json(config)
   writer = metrics_lib.MetricsWriter(workdir, total_steps=total, log_every=config.train.log_every,
                                      is_primary=jax.process_index() == 0, initial_step=start)
@@ -321,10 +335,11 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
     log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
     if jax.process_index() == 0:
       storage.append_text(storage.join(workdir, "valid.jsonl"), json.dumps({"step": step, **result}) + "\n")
-      if result[f"valid/{metric}"] < best.get(metric, math.inf):
-        params_now = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
-                                            runner.get_state(state)["params"])
-        best.update(wer=result["valid/wer"], cer=result["valid/cer"], step=step, metric=metric)
+    # Every process takes the same decision (same scores): gathering sharded params is collective.
+    if result[f"valid/{metric}"] < best.get(metric, math.inf):
+      params_now = runner.host_params(state)
+      best.update(wer=result["valid/wer"], cer=result["valid/cer"], step=step, metric=metric)
+      if jax.process_index() == 0:
         export.export_hf(model_cfg, params_now, vocab, export_dir, normalize=bool(config.data.normalize))
         storage.write_text(best_path, json.dumps(best))
         log.info("new best %s %.4f at step %d: exported to %s", metric.upper(), best[metric], step, export_dir)

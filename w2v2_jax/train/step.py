@@ -18,14 +18,14 @@ are drawn per device (like fairseq, each device skips its own layers).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from w2v2_jax import backend
-from w2v2_jax.train import objective, schedules
+from w2v2_jax.train import fsdp, objective, schedules
 
 State = Dict[str, Any]
 Batch = Dict[str, jnp.ndarray]
@@ -65,11 +65,21 @@ def accumulate(loss_fn: Callable, params, micro_batches: Dict[str, jnp.ndarray])
   return grads, aux
 
 
-def apply_gradients(state: State, grads, tx: optax.GradientTransformation) -> Tuple[State, Dict[str, Any]]:
+def apply_gradients(state: State, grads, tx: optax.GradientTransformation, *, clip_norm: float = 0.0,
+                    split: Optional[Any] = None, axis_name: str = "data") -> Tuple[State, Dict[str, Any]]:
   """Optimizer update from already-reduced gradients; a non-finite update is skipped and counted
-  (params and optimizer state stay as they were, so params never become NaN)."""
-  grad_norm = optax.tree.norm(grads)
+  (params and optimizer state stay as they were, so params never become NaN).
+
+  clip_norm > 0 scales the gradients to at most that global L2 norm first (as optax's
+  clip_by_global_norm; the recipe does not clip). split: the sharded-state layout (`fsdp.axes`) when
+  params, grads and moments are this device's slices (parallel.mode="fsdp"), else None.
+  """
+  grad_norm = fsdp.global_norm(grads, split, axis_name)
   finite = jnp.isfinite(grad_norm)
+  if clip_norm > 0:
+    keep = grad_norm < clip_norm
+    grads = jax.tree_util.tree_map(
+        lambda g: jax.lax.select(keep, g, (g / grad_norm.astype(g.dtype)) * clip_norm), grads)
 
   def update(operands):
     params, opt_state = operands
@@ -84,14 +94,23 @@ def apply_gradients(state: State, grads, tx: optax.GradientTransformation) -> Tu
   return new_state, {"grad_norm": grad_norm, "skipped": new_state["skipped"].astype(jnp.float32)}
 
 
+def _gathered(loss_fn: Callable, split: Optional[Any], axis_name: str) -> Callable:
+  """loss_fn(params, micro) on this device's param slices (fsdp): the full params are gathered inside the
+  differentiated function, so the backward pass reduce-scatters each split leaf's gradient."""
+  if split is None:
+    return loss_fn
+  return lambda params, micro: loss_fn(fsdp.gather(params, split, axis_name), micro)
+
+
 def pretrain_step(state: State, batch: Batch, *, module: Any, tx: optax.GradientTransformation,
-                  lr_schedule: Callable, latent_temp: Tuple[float, float, float],
-                  axis_name: str = "data") -> Tuple[State, Dict[str, jnp.ndarray]]:
+                  lr_schedule: Callable, latent_temp: Tuple[float, float, float], clip_norm: float = 0.0,
+                  split: Optional[Any] = None, axis_name: str = "data") -> Tuple[State, Dict[str, jnp.ndarray]]:
   """One update of wav2vec 2.0 pretraining on this device's shard.
 
   batch: `audio` (A, b, L) float32, `padding_mask` (A, b, L) bool (True = padding), `row_ids` (A, b)
   int32 global row indices within each micro-batch; A = gradient-accumulation micro-batches.
   latent_temp: (max, min, decay) of the Gumbel temperature, evaluated at the update count.
+  clip_norm, split: see `apply_gradients` (split: set by `parallel.DataParallel` in mode "fsdp").
   Returns the new state and global metrics (float32 scalars, identical on every device).
   """
   cfg = module.config
@@ -115,9 +134,9 @@ def pretrain_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
   loss_fn = functools.partial(objective.pretrain_micro_loss, module=module, step_key=step_key,
                               device_key=device_key, temperature=temperature, total_size=total_size,
                               axis_name=axis_name)
-  grads, aux = accumulate(loss_fn, state["params"], micro_batches)
-  grads = jax.lax.psum(grads, axis_name)
-  new_state, update_stats = apply_gradients(state, grads, tx)
+  grads, aux = accumulate(_gathered(loss_fn, split, axis_name), state["params"], micro_batches)
+  grads = fsdp.reduce_gradients(grads, split, axis_name)
+  new_state, update_stats = apply_gradients(state, grads, tx, clip_norm=clip_norm, split=split, axis_name=axis_name)
 
   sums = jax.lax.psum({k: aux[k] for k in ("contrastive", "correct", "count")}, axis_name)
   loss = (sums["contrastive"] + cfg.diversity_weight * aux["diversity"]
@@ -143,7 +162,8 @@ def pretrain_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
 
 def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.GradientTransformation,
                   lr_schedule: Callable, freeze_updates: int = 0, blank_id: int = 0,
-                  axis_name: str = "data", freeze_mode: str = "auto") -> Tuple[State, Dict[str, jnp.ndarray]]:
+                  axis_name: str = "data", freeze_mode: str = "auto", clip_norm: float = 0.0,
+                  split: Optional[Any] = None) -> Tuple[State, Dict[str, jnp.ndarray]]:
   """One CTC fine-tuning update on this device's shard.
 
   batch: `audio` (A, b, L) float32, `padding_mask` (A, b, L) bool, `labels` (A, b, N) int32,
@@ -165,6 +185,7 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
   feature_grad_mult > 0, then takes seconds per step), "cond" for TPU and GPU (`backend.target()`).
   "always": the backbone never trains (a linear probe of its features: only the backward pass of the
   output layer is computed); `finetune_step_fn` picks it when freeze_updates covers every update.
+  clip_norm, split: see `apply_gradients`.
   """
   if freeze_mode == "auto":
     freeze_mode = "mask" if backend.target() == "cpu" else "cond"
@@ -181,7 +202,7 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
   def grads_for(frozen: bool):
     loss_fn = functools.partial(objective.ctc_micro_loss, module=module, device_key=device_key,
                                 utterances=utterances, blank_id=blank_id, frozen=frozen)
-    return lambda params: accumulate(loss_fn, params, micro_batches)
+    return lambda params: accumulate(_gathered(loss_fn, split, axis_name), params, micro_batches)
 
   if freeze_mode == "always":
     grads, aux = grads_for(True)(state["params"])
@@ -193,8 +214,8 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
       frozen = updates_done < freeze_updates
       grads = dict(grads, wav2vec2=jax.tree_util.tree_map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g),
                                                          grads["wav2vec2"]))
-  grads = jax.lax.psum(grads, axis_name)
-  new_state, update_stats = apply_gradients(state, grads, tx)
+  grads = fsdp.reduce_gradients(grads, split, axis_name)
+  new_state, update_stats = apply_gradients(state, grads, tx, clip_norm=clip_norm, split=split, axis_name=axis_name)
   sums = jax.lax.psum(aux, axis_name)
   metrics = {
       "loss": sums["loss_sum"] / utterances,
