@@ -53,13 +53,14 @@ def test_tiny_step_fits_v5e_8_and_accumulation_costs_no_memory(worker):
 
 def test_sharded_state_takes_an_eighth_of_the_chip(worker):
   """parallel.mode="fsdp" compiled for v5e-8 (the scanned accumulation, params gathered inside it): params
-  and Adam moments per chip fall to about 1/8 of the replicated step's, and so do the step's arguments
-  (state + batch); the update's model FLOPs are the same."""
+  and Adam moments per chip fall to about 1/8 of the replicated step's, and the step's arguments (state +
+  batch, as the TPU lays them out: small arrays are padded to its tiles, so the compiler's saving is
+  larger than the logical one) fall by at least that much; the update's model FLOPs are the same."""
   rep, sharded = worker["reports"]["8"], worker["reports"]["fsdp"]
   assert (rep["parallel"], sharded["parallel"]) == ("shard_map", "fsdp") and sharded["fits"]
   assert sharded["state_bytes_per_chip"] <= rep["state_bytes_per_chip"] / 8 * 1.1
   state_saved = rep["state_bytes_per_chip"] - sharded["state_bytes_per_chip"]
-  assert rep["argument_bytes"] - sharded["argument_bytes"] == pytest.approx(state_saved, rel=0.05)
+  assert rep["argument_bytes"] - sharded["argument_bytes"] >= 0.95 * state_saved
   assert sharded["flops_per_chip"] == pytest.approx(rep["flops_per_chip"], rel=0.01)
 
 

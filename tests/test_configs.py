@@ -16,7 +16,7 @@ def load(name):
   return importlib.import_module(f"w2v2_jax.configs.{name}")
 
 
-@pytest.mark.parametrize("arg", ["base", "large", "large_lv60", "small", "tiny"])
+@pytest.mark.parametrize("arg", ["base", "large", "large_lv60", "xlsr_300m", "xlsr_1b", "xlsr_2b", "small", "tiny"])
 def test_pretrain_configs(arg):
   c = load("pretrain").get_config(arg)
   model = ModelConfig.from_any(c.model)
@@ -31,6 +31,13 @@ def test_pretrain_configs(arg):
   if arg == "large_lv60":
     assert model.layer_norm_first and model.extractor_mode == "layer_norm" and model.conv_bias
     assert model.feature_pen_weight == 0.0 and c.data.normalize and c.optim.lr == 3e-4
+  if arg.startswith("xlsr"):   # the LV-60k layout at XLS-R's sizes, state sharded, layers scanned
+    assert model.layer_norm_first and model.extractor_mode == "layer_norm" and model.conv_bias
+    assert (c.parallel.mode, model.scan_layers, model.remat) == ("fsdp", True, "full")
+    assert (model.encoder_layers, model.encoder_embed_dim, model.encoder_ffn_embed_dim) == {
+        "xlsr_300m": (24, 1024, 4096), "xlsr_1b": (48, 1280, 5120), "xlsr_2b": (48, 1920, 7680)}[arg]
+  else:
+    assert c.parallel.mode == "shard_map"
   if arg == "small":   # the demo: same architecture family, the departures documented in presets.py
     assert (model.feature_pen_weight, model.mask_length, model.extractor_mode) == (0.0, 4, "default")
     assert not model.layer_norm_first and c.data.buckets[-1] <= c.batch.device_seconds * 16000

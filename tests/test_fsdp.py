@@ -27,19 +27,25 @@ def test_split_axis_rule():
   assert fsdp.split_axis((1024,), 8, min_size=0) == 0
   assert fsdp.split_axis((4,), 8, min_size=0) is None           # fewer elements than devices
   assert fsdp.split_axis((1024, 4096), 1) is None               # one device: nothing to split
-  assert fsdp.spec_of((512, 3, 64), 8, "data") == jax.sharding.PartitionSpec("data")
-  assert fsdp.spec_of((3, 512, 64), 8, "data") == jax.sharding.PartitionSpec(None, "data")
+  P = jax.sharding.PartitionSpec
+  tree = {"conv": np.zeros((512, 3, 64)), "encoder": {"layers": {"layer": {"fc1": np.zeros((64, 32, 16))}}},
+          "proj": np.zeros((64, 32, 16))}
+  # The scanned layers' stacked leaves are never split on their layer axis; the same shape elsewhere is.
+  assert fsdp.specs(tree, 8, "data", min_size=0) == {
+      "conv": P("data"), "encoder": {"layers": {"layer": {"fc1": P(None, "data")}}}, "proj": P("data")}
+  assert fsdp.axes(tree, 8, min_size=0)["encoder"]["layers"]["layer"]["fc1"] == 1
 
 
-def run_pretrain(mode, devices, steps=3, clip_norm=0.0, tx=None):
-  cfg = tiny()
+def run_pretrain(mode, devices, steps=3, clip_norm=0.0, tx=None, cfg=None):
+  cfg = cfg or tiny()
   optim = ml_collections.ConfigDict(dict(OPTIM.to_dict(), clip_norm=clip_norm))
   tx = tx or optimizer.make(optim, 10)
   step = functools.partial(train_step.pretrain_step, module=models.build(cfg), tx=tx,
                            lr_schedule=schedules.learning_rate(optim, 10), latent_temp=TEMP,
                            clip_norm=0.0 if clip_norm is None else clip_norm)
   dp = parallel.DataParallel(step, mode, devices, min_shard_size=MIN)
-  state = dp.put_state(train_step.init_state(init_params(cfg), tx, jax.random.key(0)))
+  params = init_params(tiny())
+  state = dp.put_state(train_step.init_state(models.layer_layout(params, cfg.scan_layers), tx, jax.random.key(0)))
   history = []
   for i in range(steps):
     state, metrics = dp.step(state, dp.put_batch(make_batch(1, 8, seed=i, pad_last=1500)))
@@ -68,6 +74,22 @@ def test_pretraining_fsdp_matches_replicated_and_shards_the_state():
       assert shard.size * 8 == x.size
   assert split > 40 and local < 0.2 * full, (split, local / full)
   assert all(x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(rep["params"]))
+
+
+def test_scanned_layers_are_gathered_one_layer_at_a_time():
+  """With model.scan_layers (and remat) the stacked layer weights stay split into the scan and are gathered
+  per layer inside it: the same updates as the replicated, unscanned step."""
+  _, rep, h_r = run_pretrain("shard_map", jax.devices(), steps=2)
+  cfg = tiny(scan_layers=True, remat="full")
+  dp, sharded, h_f = run_pretrain("fsdp", jax.devices(), steps=2, cfg=cfg)
+  np.testing.assert_allclose([h["loss"] for h in h_f], [h["loss"] for h in h_r], rtol=1e-5)
+  assert max_diff(jax.device_get(rep["params"]), models.unstack_layers(jax.device_get(sharded["params"]))) <= 1e-5
+  fc1 = sharded["params"]["wav2vec2"]["encoder"]["layers"]["layer"]["fc1"]["kernel"]      # (L, 64, 128)
+  assert fc1.addressable_shards[0].data.shape == (2, 64, 16)
+  # The step's jaxpr: the stacked kernel enters the scan as a slice, the gathers run inside the scan.
+  jaxpr = str(jax.make_jaxpr(dp.jitted(sharded))(sharded, dp.put_batch(make_batch(1, 8, pad_last=1500))))
+  scan_body = jaxpr[jaxpr.index("scan["):]
+  assert "all_gather" in scan_body
 
 
 def test_clipping_uses_the_global_norm_of_the_sharded_gradient():

@@ -1,9 +1,10 @@
 """Transformer context network: positional conv, post-LN (BASE) or pre-LN (LARGE LV-60k) layers, LayerDrop."""
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -126,7 +127,8 @@ class _ScannedLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, padding_mask: Optional[Array]) -> Tuple[Array, Optional[Array]]:
-    layer = _layer_class(self.remat)(*self.layer_args, name="layer")
+    hook = _LAYER_PARAMS_HOOKS[-1] if _LAYER_PARAMS_HOOKS and not self.is_initializing() else None
+    layer = _layer_class(self.remat, hook)(*self.layer_args, name="layer")
     y = _apply_with_layerdrop(self, layer, x, padding_mask, self.deterministic, self.layerdrop)
     return y, (x if self.emit_inputs else None)
 
@@ -142,12 +144,34 @@ def _apply_with_layerdrop(parent: nn.Module, layer: nn.Module, x: Array, padding
   return nn.cond(skip, lambda mdl, y: y, lambda mdl, y: mdl(y, padding_mask, False), layer, x)
 
 
-def _layer_class(remat: str):
-  """EncoderLayer, or EncoderLayer recomputed in the backward pass per `remat` ("none", "full", "dots")."""
+# Functions the scanned layers' params pass through inside the scan body (innermost last); see
+# `layer_params_hook`.
+_LAYER_PARAMS_HOOKS: List[Callable[[Any], Any]] = []
+
+
+@contextlib.contextmanager
+def layer_params_hook(fn: Callable[[Any], Any]) -> Iterator[None]:
+  """While tracing inside this context, each scanned layer (model.scan_layers) applies `fn` to its own
+  params ({"params": one layer's tree}) inside the scan body and inside remat, before using them. The
+  sharded-state step (train/fsdp.py) passes a per-layer all-gather: one layer's weights are whole at a
+  time, and in the backward pass each layer's gradient is reduce-scattered as soon as it is computed."""
+  _LAYER_PARAMS_HOOKS.append(fn)
+  try:
+    yield
+  finally:
+    _LAYER_PARAMS_HOOKS.pop()
+
+
+def _layer_class(remat: str, params_hook: Optional[Callable[[Any], Any]] = None):
+  """EncoderLayer, or EncoderLayer recomputed in the backward pass per `remat` ("none", "full", "dots");
+  with `params_hook`, its params go through the hook first (inside the recomputed function)."""
+  cls = EncoderLayer
+  if params_hook is not None:
+    cls = nn.map_variables(EncoderLayer, "params", trans_in_fn=params_hook, mutable=False)
   if remat == "none":
-    return EncoderLayer
+    return cls
   # `deterministic` (argument 3, counting self) is static.
-  return nn.remat(EncoderLayer, policy=REMAT[remat], static_argnums=(3,))
+  return nn.remat(cls, policy=REMAT[remat], static_argnums=(3,))
 
 
 def stack_layers(params: Any) -> Any:

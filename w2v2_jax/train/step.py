@@ -94,14 +94,6 @@ def apply_gradients(state: State, grads, tx: optax.GradientTransformation, *, cl
   return new_state, {"grad_norm": grad_norm, "skipped": new_state["skipped"].astype(jnp.float32)}
 
 
-def _gathered(loss_fn: Callable, split: Optional[Any], axis_name: str) -> Callable:
-  """loss_fn(params, micro) on this device's param slices (fsdp): the full params are gathered inside the
-  differentiated function, so the backward pass reduce-scatters each split leaf's gradient."""
-  if split is None:
-    return loss_fn
-  return lambda params, micro: loss_fn(fsdp.gather(params, split, axis_name), micro)
-
-
 def pretrain_step(state: State, batch: Batch, *, module: Any, tx: optax.GradientTransformation,
                   lr_schedule: Callable, latent_temp: Tuple[float, float, float], clip_norm: float = 0.0,
                   split: Optional[Any] = None, axis_name: str = "data") -> Tuple[State, Dict[str, jnp.ndarray]]:
@@ -134,7 +126,7 @@ def pretrain_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
   loss_fn = functools.partial(objective.pretrain_micro_loss, module=module, step_key=step_key,
                               device_key=device_key, temperature=temperature, total_size=total_size,
                               axis_name=axis_name)
-  grads, aux = accumulate(_gathered(loss_fn, split, axis_name), state["params"], micro_batches)
+  grads, aux = accumulate(fsdp.gathered_loss(loss_fn, split, axis_name), state["params"], micro_batches)
   grads = fsdp.reduce_gradients(grads, split, axis_name)
   new_state, update_stats = apply_gradients(state, grads, tx, clip_norm=clip_norm, split=split, axis_name=axis_name)
 
@@ -202,7 +194,7 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
   def grads_for(frozen: bool):
     loss_fn = functools.partial(objective.ctc_micro_loss, module=module, device_key=device_key,
                                 utterances=utterances, blank_id=blank_id, frozen=frozen)
-    return lambda params: accumulate(_gathered(loss_fn, split, axis_name), params, micro_batches)
+    return lambda params: accumulate(fsdp.gathered_loss(loss_fn, split, axis_name), params, micro_batches)
 
   if freeze_mode == "always":
     grads, aux = grads_for(True)(state["params"])
