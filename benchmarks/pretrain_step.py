@@ -1,21 +1,30 @@
-"""One wav2vec 2.0 pretraining train step, ours (JAX) vs Hugging Face PyTorch, side by side in one run.
+"""The pretraining train step and the encoder, ours (JAX) vs Hugging Face PyTorch, side by side in one run.
 
-    python benchmarks/pretrain_step.py                  # BASE size, batch 4 x 4 s, fp32, Adam
-    python benchmarks/pretrain_step.py --size tiny --steps 3
+    python benchmarks/pretrain_step.py                  # BASE size, batch 4 x 4 s, fp32 (+ bf16 where fast)
+    python benchmarks/pretrain_step.py --size tiny --steps 3 --dtypes float32
 
-Prints the median step time over --steps steps (after warm-up / compilation), audio-seconds per second
-and the ratio, for the full train step (ours: the production `pretrain_step` on one device; forward,
-masking, negatives, loss, backward, Adam update) and for the encoder forward pass (eval mode). PyTorch runs with flush-denormal on (10x slower without it).
+For each compute dtype, median times (after warm-up / compilation, the variants' calls interleaved) of
+  - the full train step (ours: the production `pretrain_step` on one device: forward, masking, negatives,
+    loss, backward, Adam update; torch: `Wav2Vec2ForPreTraining` with HF's masks and negatives, AdamW),
+  - the encoder forward pass (eval mode),
+  - the encoder forward + backward (gradient of 0.5 * sum(hidden ** 2) for every parameter, eval mode),
+and the ratios torch time / ours against torch fp32 and torch in the same dtype. bf16 is mixed precision
+on both sides: ours `model.dtype=bfloat16` (params, softmax, losses fp32), torch `torch.autocast` (CPU,
+bfloat16). `--dtypes auto` adds bf16 when the CPU has bf16 instructions (AMX or AVX512-BF16).
+PyTorch runs with flush-denormal on (10x slower without it). Where the time goes:
+`benchmarks/encoder_profile.py`.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import functools
 import os
 import statistics
 import sys
+import tempfile
 import time
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,19 +41,59 @@ from w2v2_jax.train import optimizer, parallel, schedules  # noqa: E402
 from w2v2_jax.train import step as train_step  # noqa: E402
 
 SAMPLE_RATE = 16000
+KINDS = ("train step", "encoder fwd", "encoder fwd+bwd")
 
 
-def median_time(fn, steps):
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def cpu_has_bf16() -> bool:
+  """True when the CPU has bf16 matrix or vector instructions (Linux: AMX-BF16 or AVX512-BF16)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = f.read()
+  except OSError:
+    return False
+  return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def jax_bench(cfg: ModelConfig, params, audio: np.ndarray, steps: int):
-  """The production step (w2v2_jax.train.step.pretrain_step) on one device, via DataParallel."""
+def jax_encoder(cfg: ModelConfig):
+  """The encoder's jitted forward (params, audio) -> hidden (B, T, D), and forward + backward
+  (params, audio) -> gradient of 0.5 * sum(hidden ** 2) for every param (eval mode)."""
+  encoder = models.build(cfg.replace(task="encoder"))
+
+  def hidden(p, a):
+    return encoder.apply({"params": {"wav2vec2": p}}, a)["last_hidden_state"]
+  return jax.jit(hidden), jax.jit(jax.grad(lambda p, a: 0.5 * jnp.sum(jnp.square(hidden(p, a).astype(jnp.float32)))))
+
+
+def torch_encoder(hf_dir: str, audio: np.ndarray, dtype: str = "float32"):
+  """HF's Wav2Vec2Model (eval mode) and its forward / forward + backward on `audio`, as in `jax_encoder`;
+  bf16 through torch.autocast (CPU)."""
+  import torch
+  import transformers
+  torch.set_flush_denormal(True)
+  encoder = transformers.Wav2Vec2Model.from_pretrained(hf_dir).eval()
+  x = torch.from_numpy(audio)
+
+  def fwd():
+    with torch.no_grad(), _autocast(dtype):
+      encoder(x)
+
+  def fwd_bwd():
+    encoder.zero_grad(set_to_none=True)
+    with _autocast(dtype):
+      h = encoder(x).last_hidden_state
+    (0.5 * h.float().square().sum()).backward()
+  return encoder, fwd, fwd_bwd
+
+
+def _autocast(dtype: str):
+  import torch
+  if dtype == "bfloat16":
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
+def jax_callables(cfg: ModelConfig, params, audio: np.ndarray):
+  """{kind: fn()} for ours: the production step on one device (via DataParallel) and the encoder."""
   module = models.build(cfg)
   optim = ml_collections.ConfigDict(dict(lr=5e-4, schedule="polynomial", warmup_steps=10, end_lr=0.0, power=1.0,
                                          b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=0.0))
@@ -52,29 +101,25 @@ def jax_bench(cfg: ModelConfig, params, audio: np.ndarray, steps: int):
   step_fn = functools.partial(train_step.pretrain_step, module=module, tx=tx,
                               lr_schedule=schedules.learning_rate(optim, 1000), latent_temp=(2.0, 0.5, 0.999995))
   runner = parallel.DataParallel(step_fn, "shard_map", jax.devices()[:1])
-  state = runner.put_state(train_step.init_state(params, tx, jax.random.key(0)))
+  state = runner.put_state(train_step.init_state(jax.tree_util.tree_map(jnp.array, params), tx, jax.random.key(0)))
   batch = runner.put_batch({"audio": audio[None], "padding_mask": np.zeros((1,) + audio.shape, bool),
                             "row_ids": np.arange(audio.shape[0], dtype=np.int32)[None]})
-  t0 = time.perf_counter()
-  state, metrics = runner.step(state, batch)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
+  box = {"state": state}
 
-  def one():
-    nonlocal state, metrics
-    state, metrics = runner.step(state, batch)
+  def step():
+    box["state"], metrics = runner.step(box["state"], batch)   # the step donates its input state
     jax.block_until_ready(metrics)
-  step_s = median_time(one, steps)
 
-  encoder = models.build(cfg.replace(task="encoder"))
-  fwd = jax.jit(lambda p, a: encoder.apply({"params": {"wav2vec2": p}}, a)["last_hidden_state"])
-  backbone = runner.get_state(state)["params"]["wav2vec2"]
-  jax.block_until_ready(fwd(backbone, audio))
-  fwd_s = median_time(lambda: jax.block_until_ready(fwd(backbone, audio)), steps)
-  return step_s, fwd_s, compile_s, float(metrics["loss"])
+  fwd, fwd_bwd = jax_encoder(cfg)
+  backbone = jax.tree_util.tree_map(jnp.array, params["wav2vec2"])
+  x = jnp.asarray(audio)
+  return {"train step": step,
+          "encoder fwd": lambda: jax.block_until_ready(fwd(backbone, x)),
+          "encoder fwd+bwd": lambda: jax.block_until_ready(fwd_bwd(backbone, x))}
 
 
-def torch_bench(hf_dir: str, audio: np.ndarray, steps: int):
+def torch_callables(hf_dir: str, audio: np.ndarray, dtype: str):
+  """{kind: fn()} for HF PyTorch; bf16 through torch.autocast (CPU)."""
   import torch
   import transformers
   from transformers.models.wav2vec2.modeling_wav2vec2 import (_compute_mask_indices,
@@ -86,23 +131,18 @@ def torch_bench(hf_dir: str, audio: np.ndarray, steps: int):
   x = torch.from_numpy(audio)
   frames = int(model._get_feat_extract_output_lengths(audio.shape[1]))
 
-  def one():
+  def step():
     mask = _compute_mask_indices((audio.shape[0], frames), cfg.mask_time_prob, cfg.mask_time_length,
                                  min_masks=2)
     neg = _sample_negative_indices((audio.shape[0], frames), cfg.num_negatives, mask_time_indices=mask)
-    out = model(x, mask_time_indices=torch.from_numpy(mask), sampled_negative_indices=torch.from_numpy(neg))
+    with _autocast(dtype):
+      out = model(x, mask_time_indices=torch.from_numpy(mask), sampled_negative_indices=torch.from_numpy(neg))
     opt.zero_grad()
-    (out.loss / mask.sum()).backward()
+    (out.loss.float() / mask.sum()).backward()
     opt.step()
-  one()
-  step_s = median_time(one, steps)
-  encoder = model.wav2vec2.eval()
-  def fwd():
-    with torch.no_grad():
-      encoder(x)
-  fwd()
-  fwd_s = median_time(fwd, steps)
-  return step_s, fwd_s
+
+  _, fwd, fwd_bwd = torch_encoder(hf_dir, audio, dtype)
+  return {"train step": step, "encoder fwd": fwd, "encoder fwd+bwd": fwd_bwd}
 
 
 def main():
@@ -110,39 +150,65 @@ def main():
   parser.add_argument("--size", default="base", help="model preset (w2v2_jax/models/presets.py)")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seconds", type=float, default=4.0)
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=5, help="timed calls per variant (median)")
+  parser.add_argument("--dtypes", default="auto",
+                      help="comma-separated compute dtypes (float32, bfloat16), or auto: float32, plus "
+                           "bfloat16 on CPUs with bf16 instructions")
   parser.add_argument("--which", choices=("both", "jax", "torch"), default="both")
   args = parser.parse_args()
 
-  import tempfile
+  dtypes = (["float32"] + (["bfloat16"] if cpu_has_bf16() else [])) if args.dtypes == "auto" \
+      else args.dtypes.split(",")
   cfg = ModelConfig.from_any(get_config(args.size))
-  module = models.build(cfg)
   audio = np.random.default_rng(0).standard_normal(
       (args.batch, int(args.seconds * SAMPLE_RATE))).astype(np.float32)
-  params = module.init({"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1)}, audio[:1])["params"]
+  params = jax.device_get(models.build(cfg).init({"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1)},
+                                                 audio[:1])["params"])
   audio_seconds = args.batch * args.seconds
-  print(f"config={args.size} batch={args.batch} x {args.seconds:g} s fp32  devices={jax.devices()}  "
-        f"steps={args.steps} (median)")
-  results = {}
-  host_params = jax.device_get(params)          # the jitted step donates (deletes) its input buffers
-  if args.which in ("both", "jax"):
-    step_s, fwd_s, compile_s, loss = jax_bench(cfg, jax.tree_util.tree_map(jnp.array, host_params), audio,
-                                               args.steps)
-    results["jax"] = (step_s, fwd_s)
-    print(f"w2v2_jax   train step {step_s:7.3f} s  ({audio_seconds / step_s:6.2f} audio-s/s)   "
-          f"encoder fwd {fwd_s:6.3f} s  ({audio_seconds / fwd_s:6.2f} audio-s/s)   "
-          f"compile {compile_s:.1f} s, loss {loss:.3f}")
-  if args.which in ("both", "torch"):
-    from w2v2_jax import convert
-    with tempfile.TemporaryDirectory() as tmp:
-      convert.to_hf(cfg, host_params, tmp)
-      step_s, fwd_s = torch_bench(tmp, audio, args.steps)
-    results["torch"] = (step_s, fwd_s)
-    print(f"HF torch   train step {step_s:7.3f} s  ({audio_seconds / step_s:6.2f} audio-s/s)   "
-          f"encoder fwd {fwd_s:6.3f} s  ({audio_seconds / fwd_s:6.2f} audio-s/s)")
-  if len(results) == 2:
-    print(f"speed-up (torch time / ours): train step {results['torch'][0] / results['jax'][0]:.2f}x   "
-          f"encoder fwd {results['torch'][1] / results['jax'][1]:.2f}x")
+  print(f"config={args.size} batch={args.batch} x {args.seconds:g} s  dtypes={','.join(dtypes)}  "
+        f"{os.cpu_count()} CPUs, jax {jax.__version__} devices={jax.devices()}  medians of {args.steps}, interleaved")
+
+  variants = {}          # (side, dtype) -> {kind: fn}
+  warm = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.which in ("both", "torch"):
+      from w2v2_jax import convert
+      convert.to_hf(cfg, params, tmp)
+    for dtype in dtypes:
+      if args.which in ("both", "jax"):
+        variants[("ours", dtype)] = jax_callables(cfg.replace(dtype=dtype), params, audio)
+      if args.which in ("both", "torch"):
+        variants[("torch", dtype)] = torch_callables(tmp, audio, dtype)
+  for key, fns in variants.items():          # warm-up: compilation, allocator, first-call costs
+    for kind, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      warm[key + (kind,)] = time.perf_counter() - start
+  times = collections.defaultdict(list)
+  for _ in range(args.steps):
+    for kind in KINDS:
+      for key, fns in variants.items():
+        start = time.perf_counter()
+        fns[kind]()
+        times[key + (kind,)].append(time.perf_counter() - start)
+  med = {k: statistics.median(v) for k, v in times.items()}
+
+  print(f"\n| {'':16s} | {'dtype':8s} | {'ours':>8s} | {'torch':>8s} | {'torch / ours':>12s} | {'torch fp32 / ours':>17s} |")
+  print(f"|{'-' * 18}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 14}|{'-' * 19}|")
+  for kind in KINDS:
+    for dtype in dtypes:
+      ours, theirs = med.get(("ours", dtype, kind)), med.get(("torch", dtype, kind))
+      base = med.get(("torch", "float32", kind))
+      def fmt(t):
+        return f"{t:7.3f}s" if t is not None else f"{'-':>8s}"
+      def ratio(a, b):
+        return f"{a / b:.2f}x" if a is not None and b is not None else "-"
+      print(f"| {kind:16s} | {dtype:8s} | {fmt(ours)} | {fmt(theirs)} | {ratio(theirs, ours):>12s} | "
+            f"{ratio(base, ours):>17s} |")
+  if ("ours", "float32", "train step") in med:
+    t = med[("ours", "float32", "train step")]
+    print(f"\nours fp32 train step: {audio_seconds / t:.2f} audio-s/s; first call (compile) "
+          f"{warm[('ours', 'float32', 'train step')]:.1f} s")
 
 
 if __name__ == "__main__":

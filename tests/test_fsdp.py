@@ -92,6 +92,16 @@ def test_scanned_layers_are_gathered_one_layer_at_a_time():
   assert "all_gather" in scan_body
 
 
+def test_layerdrop_with_scanned_sharded_layers():
+  """LayerDrop's coin is per device, so devices skip different layers: the per-layer gather must not sit
+  in a branch some devices skip (a collective only some devices enter). Same updates as shard_map."""
+  cfg = tiny(scan_layers=True, remat="full", encoder_layerdrop=0.5)
+  _, rep, h_r = run_pretrain("shard_map", jax.devices(), steps=2, cfg=cfg)
+  _, sharded, h_f = run_pretrain("fsdp", jax.devices(), steps=2, cfg=cfg)
+  np.testing.assert_allclose([h["loss"] for h in h_f], [h["loss"] for h in h_r], rtol=1e-5)
+  assert max_diff(jax.device_get(rep["params"]), jax.device_get(sharded["params"])) <= 1e-5
+
+
 def test_clipping_uses_the_global_norm_of_the_sharded_gradient():
   """clip_norm in the step (a norm over every device's slice) = optax's clip_by_global_norm on one
   device with the whole gradient."""

@@ -129,18 +129,24 @@ class _ScannedLayer(nn.Module):
   def __call__(self, x: Array, padding_mask: Optional[Array]) -> Tuple[Array, Optional[Array]]:
     hook = _LAYER_PARAMS_HOOKS[-1] if _LAYER_PARAMS_HOOKS and not self.is_initializing() else None
     layer = _layer_class(self.remat, hook)(*self.layer_args, name="layer")
-    y = _apply_with_layerdrop(self, layer, x, padding_mask, self.deterministic, self.layerdrop)
+    # With a params hook (the per-layer all-gather of the sharded state), the layer runs on every device
+    # whatever its coin: a collective must not sit in a branch some devices skip.
+    y = _apply_with_layerdrop(self, layer, x, padding_mask, self.deterministic, self.layerdrop,
+                              always_run=hook is not None)
     return y, (x if self.emit_inputs else None)
 
 
 def _apply_with_layerdrop(parent: nn.Module, layer: nn.Module, x: Array, padding_mask: Optional[Array],
-                          deterministic: bool, layerdrop: float) -> Array:
+                          deterministic: bool, layerdrop: float, always_run: bool = False) -> Array:
   """`layer(x)`, skipped with probability `layerdrop` in training: a traced coin from `parent`'s
   'layerdrop' rng (per device: the caller folds the device index into it) and real control flow, so a
-  skipped layer costs nothing and nothing recompiles."""
+  skipped layer costs nothing and nothing recompiles. always_run: compute the layer and select its input
+  when skipped (same result and gradients; for layers whose params go through collectives)."""
   if deterministic or layerdrop == 0.0 or parent.is_initializing():
     return layer(x, padding_mask, deterministic)
   skip = jax.random.uniform(parent.make_rng("layerdrop")) < layerdrop
+  if always_run:
+    return jnp.where(skip, x, layer(x, padding_mask, False))
   return nn.cond(skip, lambda mdl, y: y, lambda mdl, y: mdl(y, padding_mask, False), layer, x)
 
 

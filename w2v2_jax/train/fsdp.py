@@ -6,7 +6,9 @@ tree paths, the Adam moments) split along one dimension over the devices of the 
 holds 1/n of it. The per-device step (`train/step.py`, through `gathered_loss`)
   1. all-gathers the params inside each micro-batch's loss: with scanned layers (model.scan_layers) each
      layer's weights are gathered inside the scan body, one layer at a time (and again when remat
-     recomputes the layer in the backward pass); the other params at the start of the loss,
+     recomputes the layer in the backward pass; without remat the backward keeps every layer's gathered
+     weights); the other params at the start of the loss. A scanned layer dropped by LayerDrop (a
+     per-device coin) is computed and discarded, so every device joins every gather,
   2. differentiates through the gathers: the transpose of an all-gather is a reduce-scatter, so each
      split leaf's gradient arrives already summed over the devices and split like the leaf,
   3. sums the gradients of the replicated (small) leaves with `psum` (`reduce_gradients`),
