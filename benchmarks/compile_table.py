@@ -1,7 +1,7 @@
 """The compile-check table of the README: the production train steps compiled for TPU slices by libtpu's
 compiler on this host (no TPU needed), one `w2v2 compile-check` subprocess per entry.
 
-  python benchmarks/compile_table.py [--out compile_table.jsonl] [--only base] [--table sharded]
+  python benchmarks/compile_table.py [--out compile_table.jsonl] [--only base] [--slice v5e-64] [--table sharded]
 
 Prints a Markdown table (HBM per chip, headroom, compile time, FLOPs per update, ideal update time) and
 appends each entry's full figures to --out as JSON lines. An entry that does not compile or fit is
@@ -39,6 +39,8 @@ SHARDED = [
     ("pretrain:xlsr_1b", "v5p-64", BF16),
     ("pretrain:xlsr_1b", "v5p-64", BF16 + REPLICATED),
     ("pretrain:xlsr_1b", "v4-128", BF16),
+    ("pretrain:xlsr_1b", "v5e-64", BF16),
+    ("pretrain:xlsr_1b", "v5e-64", BF16 + REPLICATED),
     ("pretrain:xlsr_2b", "v5p-128", BF16),
     ("pretrain:xlsr_2b", "v5p-128", BF16 + REPLICATED),
 ]
@@ -48,6 +50,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
   parser.add_argument("--out", default="compile_table.jsonl")
   parser.add_argument("--only", default="", help="run only entries whose config contains this string")
+  parser.add_argument("--slice", default="", help="run only entries on this topology (e.g. v5e-64)")
   parser.add_argument("--table", default="recipes", choices=("recipes", "sharded"))
   args = parser.parse_args()
   entries = ENTRIES if args.table == "recipes" else SHARDED
@@ -57,14 +60,17 @@ def main():
         "headroom | compile | FLOPs per update (slice) | ideal update |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for config, topo, extra in entries:
-    if args.only not in config:
+    if args.only not in config or (args.slice and args.slice != topo):
       continue
     before = _count(args.out)
     cmd = [sys.executable, "-m", "w2v2_jax.cli", "compile-check", f"--config={config}",
            f"--topology={topo}", f"--json={args.out}", "--top_ops=0"] + extra
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if _count(args.out) == before:
-      reason = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
+      reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
+      if "RESOURCE_EXHAUSTED: " in reason:       # XLA's out-of-memory message: keep the figures
+        reason = "out of memory: " + reason.split("RESOURCE_EXHAUSTED: ", 1)[1]
+      reason = reason[:200]
       mode = "fsdp" if FSDP[0] in extra or ("xlsr" in config and REPLICATED[0] not in extra) else "replicated"
       print(f"| {config} | {mode} | {topo} | | | | does not compile: {reason} | | | | |", flush=True)
       continue
