@@ -7,7 +7,8 @@ One process, the same weights (ours converted to HF with `convert.to_hf`) and th
   1. median times of the encoder forward (eval mode) and forward + backward (gradient of
      0.5 * sum(hidden ** 2) with respect to every parameter), ours and torch's, interleaved;
   2. one profiled forward + backward of each: for ours, every executed XLA thunk (an HLO instruction or
-     fusion) from `jax.profiler`'s trace, attributed to the model part its HLO metadata names; for torch,
+     fusion) from `jax.profiler`'s trace, attributed to the model part its HLO metadata names (the gaps
+     in which no thunk runs, asynchronous work, charged to the thunk before them); for torch,
      `torch.profiler`'s operators by self CPU time. Prints the time share per model part (both), then the
      top ops.
 
@@ -102,7 +103,7 @@ def jax_profile(fn, args):
       jax.block_until_ready(fn(*args))
     path = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0]
     data = ProfileData.from_file(path)
-  totals = collections.Counter()
+  events = []
   for plane in data.planes:
     if plane.name != "/host:CPU":
       continue
@@ -110,7 +111,19 @@ def jax_profile(fn, args):
       for event in line.events:
         stats = dict(event.stats)
         if "hlo_op" in stats:
-          totals[stats["hlo_op"]] += event.duration_ns * 1e-9
+          events.append((event.start_ns, event.start_ns + event.duration_ns, stats["hlo_op"]))
+  # XLA:CPU runs some thunks (convolutions among them) asynchronously: their event ends at dispatch and
+  # the work shows as a gap in which no thunk runs. Each gap is charged to the thunk that ended last
+  # before it.
+  events.sort()
+  totals = collections.Counter()
+  last_end, last_op = events[0][0], events[0][2]
+  for start, end, op in events:
+    if start > last_end:
+      totals[last_op] += (start - last_end) * 1e-9
+    totals[op] += (end - start) * 1e-9
+    if end > last_end:
+      last_end, last_op = end, op
   return totals, names
 
 

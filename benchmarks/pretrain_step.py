@@ -8,7 +8,9 @@ For each compute dtype, median times (after warm-up / compilation, the variants'
     loss, backward, Adam update; torch: `Wav2Vec2ForPreTraining` with HF's masks and negatives, AdamW),
   - the encoder forward pass (eval mode),
   - the encoder forward + backward (gradient of 0.5 * sum(hidden ** 2) for every parameter, eval mode),
-and the ratios torch time / ours against torch fp32 and torch in the same dtype. bf16 is mixed precision
+and the ratios torch time / ours against torch fp32 and torch in the same dtype. Each timed call starts
+after --pause idle seconds: measured back to back, a call ran up to 15% slower after the other runtime's
+call (its threads still spinning). bf16 is mixed precision
 on both sides: ours `model.dtype=bfloat16` (params, softmax, losses fp32), torch `torch.autocast` (CPU,
 bfloat16). `--dtypes auto` adds bf16 when the CPU has bf16 instructions (AMX or AVX512-BF16).
 PyTorch runs with flush-denormal on (10x slower without it). Where the time goes:
@@ -154,6 +156,9 @@ def main():
   parser.add_argument("--dtypes", default="auto",
                       help="comma-separated compute dtypes (float32, bfloat16), or auto: float32, plus "
                            "bfloat16 on CPUs with bf16 instructions")
+  parser.add_argument("--pause", type=float, default=1.0,
+                      help="seconds idle before each timed call: both runtimes' worker threads spin for a "
+                           "while after a call and would slow whichever call comes next")
   parser.add_argument("--which", choices=("both", "jax", "torch"), default="both")
   args = parser.parse_args()
 
@@ -188,6 +193,7 @@ def main():
   for _ in range(args.steps):
     for kind in KINDS:
       for key, fns in variants.items():
+        time.sleep(args.pause)             # let the previous call's worker threads stop spinning
         start = time.perf_counter()
         fns[kind]()
         times[key + (kind,)].append(time.perf_counter() - start)
