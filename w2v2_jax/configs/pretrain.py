@@ -27,7 +27,11 @@ xlsr_1b     (HF's Wav2Vec2Model counts, tests/test_hf_reference.py). Sharded sta
 xlsr_2b     train/fsdp.py) and remat; training values are large_lv60's (buckets up to 20 s, normalised
             waveforms, lr 3e-4, 600k updates): set the XLS-R paper's batch, lr and steps for a real run.
             Check the slice first, e.g. `w2v2 compile-check --config=pretrain:xlsr_1b --topology=v5p-64
-            --config.model.dtype=bfloat16` (figures: README, "Models bigger than a chip's share").
+            --config.model.dtype=bfloat16`. Measured (bf16, HBM per chip, params + Adam moments per
+            chip): xlsr_1b on v5p-64 4.44 of 95 GiB (0.34 GiB; replicated 27.21 GiB), on v4-128 4.04
+            of 32 GiB, on v5e-64 4.10 of 16 GiB (replicated: does not fit); xlsr_2b on v5p-128 5.47
+            of 95 GiB (0.38 GiB; replicated 56.79 GiB, 24.17 GiB of state). README, "Models bigger
+            than a chip's share", has the table and `benchmarks/compile_table.py --table sharded`.
 small       The demo: a 2.2M-parameter model on the synthetic corpus of `w2v2 make-corpus` (1 h of
             espeak-ng / flite / festival speech), 2 CPU cores: 3000 updates in about 12 minutes.
 tiny        A 0.1M-parameter model on a few minutes of audio, 2 CPU cores: 200 updates in a few
