@@ -1,5 +1,6 @@
-"""Two processes x 2 fake devices on localhost (launch/local_multihost.sh) train exactly like one
-process with 4 devices on the same global batch; a process killed mid-training stops the other."""
+"""Two processes x 2 fake devices on localhost (launch/local_multihost.sh), the state sharded over both
+(fsdp), train exactly like one process with 4 devices and the state replicated, on the same global batch,
+and their checkpoint restores in one process; a process killed mid-training stops the other."""
 import json
 import os
 import re
@@ -22,15 +23,21 @@ def test_two_processes_match_one_process(tmp_path):
   env = dict(os.environ, DEVICES_PER_PROCESS="2", JAX_PLATFORMS="cpu",
              W2V2_CMD=f"{sys.executable} {ROOT}/tests/multihost_worker.py")
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(["bash", f"{ROOT}/launch/local_multihost.sh", "2", str(out)], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(["bash", f"{ROOT}/launch/local_multihost.sh", "2", str(out), str(tmp_path / "ckpt")],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   multi = json.loads(out.read_text())
 
+  # Two hosts with the state sharded over both (fsdp) train like one process with it replicated.
   losses, params = common.train(common.global_batch(), jax.devices()[:4], steps=2)
   np.testing.assert_allclose(multi["losses"], losses, rtol=1e-5)
   np.testing.assert_allclose(multi["checksum"], common.checksum(params), rtol=1e-5, atol=1e-5)
   assert losses[1] != losses[0]          # the second step saw updated params
+  # The checkpoint the two hosts wrote (each its own slices) restores whole in one process, replicated.
+  restored = common.restore_params(tmp_path / "ckpt", jax.devices()[:4])
+  np.testing.assert_allclose(common.checksum(restored), multi["checksum"], rtol=1e-6, atol=1e-6)
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(restored),
+                                                         jax.tree_util.tree_leaves(params))) <= 1e-5
 
 
 def _launch_pretraining_pair(tmp_path, heartbeat=5):
