@@ -30,18 +30,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from w2v2_jax import convert, models  # noqa: E402
-from w2v2_jax.configs.model import get_config  # noqa: E402
-from w2v2_jax.models.config import ModelConfig  # noqa: E402
-from pretrain_step import jax_encoder, torch_encoder  # noqa: E402  (benchmarks/)
+from w2v2_jax import convert  # noqa: E402
+from pretrain_step import add_workload_args, jax_encoder, torch_encoder, workload  # noqa: E402  (benchmarks/)
 
-SAMPLE_RATE = 16000
 # (part, pattern on the op's name stack): the first match wins. Ours: the Flax module path in the HLO
 # metadata's op_name; torch: the module path recorded by record_function below.
 PARTS = [
@@ -60,15 +56,6 @@ def part_of(name: str) -> str:
     if re.search(pattern, name):
       return part
   return "other"
-
-
-def median_time(fn, steps: int) -> float:
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------------------- ours
@@ -193,19 +180,12 @@ def print_parts(title: str, ours: dict, theirs: dict):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size", default="base", help="model preset (w2v2_jax/models/presets.py)")
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--seconds", type=float, default=4.0)
-  parser.add_argument("--steps", type=int, default=5, help="timed calls per function (median)")
+  add_workload_args(parser)
   parser.add_argument("--top", type=int, default=15, help="top ops printed per side")
   parser.add_argument("--no_profile", action="store_true", help="times only")
   args = parser.parse_args()
 
-  cfg = ModelConfig.from_any(get_config(args.size))
-  audio = np.random.default_rng(0).standard_normal((args.batch, int(args.seconds * SAMPLE_RATE))).astype(np.float32)
-  pre = models.build(cfg)
-  params = jax.device_get(pre.init({"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1)},
-                                   audio[:1])["params"])
+  cfg, audio, params = workload(args)
   backbone = jax.tree_util.tree_map(jnp.asarray, params["wav2vec2"])
   fwd, fwd_bwd = jax_encoder(cfg)
   x = jnp.asarray(audio)
@@ -227,7 +207,9 @@ def main():
             ("ours fwd+bwd", lambda: jax.block_until_ready(fwd_bwd(backbone, x))), ("torch fwd+bwd", t_fwd_bwd)]
     for _ in range(args.steps):
       for name, fn in runs:
-        times[name].append(median_time(fn, 1))
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     audio_s = args.batch * args.seconds
     for what in ("fwd", "fwd+bwd"):

@@ -147,12 +147,28 @@ def torch_callables(hf_dir: str, audio: np.ndarray, dtype: str):
   return {"train step": step, "encoder fwd": fwd, "encoder fwd+bwd": fwd_bwd}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+  """The flags that choose the benchmarked model and input (shared with encoder_profile.py)."""
   parser.add_argument("--size", default="base", help="model preset (w2v2_jax/models/presets.py)")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seconds", type=float, default=4.0)
   parser.add_argument("--steps", type=int, default=5, help="timed calls per variant (median)")
+
+
+def workload(args):
+  """(model config, audio (batch, samples) float32 noise, host params of Wav2Vec2ForPreTraining) for the
+  flags of `add_workload_args`; the same seeds every run."""
+  cfg = ModelConfig.from_any(get_config(args.size))
+  audio = np.random.default_rng(0).standard_normal(
+      (args.batch, int(args.seconds * SAMPLE_RATE))).astype(np.float32)
+  params = jax.device_get(models.build(cfg).init({"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1)},
+                                                 audio[:1])["params"])
+  return cfg, audio, params
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_workload_args(parser)
   parser.add_argument("--dtypes", default="auto",
                       help="comma-separated compute dtypes (float32, bfloat16), or auto: float32, plus "
                            "bfloat16 on CPUs with bf16 instructions")
@@ -164,11 +180,7 @@ def main():
 
   dtypes = (["float32"] + (["bfloat16"] if cpu_has_bf16() else [])) if args.dtypes == "auto" \
       else args.dtypes.split(",")
-  cfg = ModelConfig.from_any(get_config(args.size))
-  audio = np.random.default_rng(0).standard_normal(
-      (args.batch, int(args.seconds * SAMPLE_RATE))).astype(np.float32)
-  params = jax.device_get(models.build(cfg).init({"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1)},
-                                                 audio[:1])["params"])
+  cfg, audio, params = workload(args)
   audio_seconds = args.batch * args.seconds
   print(f"config={args.size} batch={args.batch} x {args.seconds:g} s  dtypes={','.join(dtypes)}  "
         f"{os.cpu_count()} CPUs, jax {jax.__version__} devices={jax.devices()}  medians of {args.steps}, interleaved")

@@ -22,14 +22,19 @@ def global_batch(rows=8, samples=6400):
           "row_ids": np.arange(rows, dtype=np.int32)[None]}
 
 
+def _init_params(module, seed):
+  """The tiny model's params (numpy) from PRNG keys seed, seed + 1."""
+  return jax.device_get(jax.jit(lambda r: module.init(r, np.zeros((1, 6400), np.float32))["params"])(
+      {"params": jax.random.PRNGKey(seed), "mask": jax.random.PRNGKey(seed + 1)}))
+
+
 def train(local_batch, devices, steps, mode="shard_map", checkpoint_dir=None):
   """Runs `steps` updates on `devices` (parallel `mode`; fsdp splits every leaf of 64 elements or more)
   feeding this process's `local_batch`; returns losses and the full params (numpy). With
   `checkpoint_dir`, the final state is saved there (every process writes what it holds)."""
   module = models.build(CFG)
   tx = optimizer.make(OPTIM, 10)
-  params = jax.device_get(jax.jit(lambda r: module.init(r, np.zeros((1, 6400), np.float32))["params"])(
-      {"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1)}))
+  params = _init_params(module, 0)
   step = functools.partial(train_step.pretrain_step, module=module, tx=tx,
                            lr_schedule=schedules.learning_rate(OPTIM, 10), latent_temp=(2.0, 0.5, 0.999995))
   runner = parallel.DataParallel(step, mode, devices, min_shard_size=64)
@@ -51,9 +56,7 @@ def train(local_batch, devices, steps, mode="shard_map", checkpoint_dir=None):
 def restore_params(checkpoint_dir, devices):
   """The params of the checkpoint in `checkpoint_dir`, restored into shard_map (replicated) on `devices`."""
   tx = optimizer.make(OPTIM, 10)
-  module = models.build(CFG)
-  params = jax.device_get(jax.jit(lambda r: module.init(r, np.zeros((1, 6400), np.float32))["params"])(
-      {"params": jax.random.PRNGKey(3), "mask": jax.random.PRNGKey(4)}))
+  params = _init_params(models.build(CFG), 3)         # other values: the template only gives the structure
   runner = parallel.DataParallel(lambda s, b: (s, {}), "shard_map", devices)
   template = runner.put_state(train_step.init_state(params, tx, jax.random.key(0)))
   with checkpoint.Checkpointer(checkpoint_dir) as ckpt:
