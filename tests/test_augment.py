@@ -189,3 +189,20 @@ def test_pipeline_augmentation_resumes_exactly_and_normalises_after(tmp_path):
   # Crops of normalised utterances: near zero mean and unit variance, whatever gain was drawn.
   rows = np.concatenate([b["audio"].reshape(-1, b["audio"].shape[-1]) for b in full])
   assert abs(float(rows.mean())) < 0.1 and float(rows.std()) == pytest.approx(1.0, abs=0.15)
+
+
+@pytest.mark.parametrize("name", sorted(augment.CONDITIONS))
+def test_conditions_perturb_every_utterance(name):
+  """Each named condition changes every utterance (probability 1), reproducibly from its generator;
+  the telephone band removes the energy above 3.4 kHz."""
+  rng = np.random.default_rng(0)
+  audio = rng.standard_normal(16000).astype(np.float32) * 0.1
+  cond = augment.condition(name)
+  a = augment.perturb(audio, cond, augment.utterance_rng(1, 0, 5), 16000)
+  b = augment.perturb(audio, cond, augment.utterance_rng(1, 0, 5), 16000)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == audio.shape and a.dtype == np.float32 and not np.allclose(a, audio, atol=1e-3)
+  if name == "telephone":
+    spectrum = np.abs(np.fft.rfft(a)) ** 2
+    freqs = np.fft.rfftfreq(a.size, 1 / 16000)
+    assert spectrum[freqs > 5000].mean() < 1e-3 * spectrum[(freqs > 800) & (freqs < 3000)].mean()

@@ -107,6 +107,11 @@ def test_demo_report(demo_run):
   with open(lm_["lm"], encoding="utf-8") as f:
     assert f.readline() == "\\data\\\n"
   assert any(line.startswith("test with beam 32 + 4-gram LM") for line in lines)
+  # Robustness: the test split again under each held-out acoustic condition.
+  from w2v2_jax.data import augment
+  conditions = report["test_conditions"]
+  assert set(conditions) == set(augment.CONDITIONS) and all(0.0 <= v["cer"] for v in conditions.values())
+  assert any(line.startswith("test under conditions never trained on (greedy CER): telephone") for line in lines)
   for png in report["plots"].values():
     with open(png, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -47,3 +47,29 @@ def test_evaluate_skips_bad_items(recognizer, tmp_path, caplog, capsys, monkeypa
   assert "WER" in printed and "CER" in printed and "utterances 4" in printed and "skipped 2" in printed
   beam = recognizer.transcribe([load_audio(p) for p in good], beam_width=4, batch_seconds=2.0)
   assert result["wer"] == pytest.approx(scoring.wer(refs, beam))
+
+
+def test_evaluate_under_a_condition_scores_the_perturbed_audio(recognizer, tmp_path, capsys, monkeypatch):
+  """`condition` perturbs each utterance with draws from (seed, index): the rates are those of the
+  recognizer on exactly that audio (the telephone band), the same on a second run, and differ from the
+  clean audio's transcripts."""
+  from w2v2_jax.data import augment
+  tsv, good, refs = write_corpus(tmp_path)
+  indices = [0, 1, 2, 3]           # manifest rows of the good files
+  phone = augment.CONDITIONS["telephone"]
+  perturbed = [augment.perturb(load_audio(p), phone, augment.utterance_rng(7, 0, i), 16000)
+               for p, i in zip(good, indices)]
+  hyps = recognizer.transcribe(perturbed, batch_seconds=2.0)
+  result = evaluate(recognizer, tsv, batch_seconds=2.0, augment="telephone", augment_seed=7)
+  assert result["utterances"] == 4
+  assert result["cer"] == pytest.approx(scoring.cer(refs, hyps))
+  assert result["wer"] == pytest.approx(scoring.wer(refs, hyps))
+  assert evaluate(recognizer, tsv, batch_seconds=2.0, augment="telephone", augment_seed=7)["cer"] == result["cer"]
+  clean = recognizer.transcribe([load_audio(p) for p in good], batch_seconds=2.0)
+  assert hyps != clean            # the band limit changes what the model hears
+  with pytest.raises(ValueError, match="unknown condition 'phone'"):
+    evaluate(recognizer, tsv, augment="phone")
+  monkeypatch.setattr(Recognizer, "load", classmethod(lambda cls, p, **kw: recognizer))
+  out = cli.run(["evaluate", "--checkpoint", "ckpt", "--data", tsv, "--batch-seconds", "2",
+                 "--condition", "telephone", "--condition_seed", "7"])
+  assert out["cer"] == result["cer"] and "condition: telephone (seed 7)" in capsys.readouterr().out

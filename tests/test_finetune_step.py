@@ -29,14 +29,14 @@ def batch(rows=8, samples=6400, seed=0):
           "label_padding": label_padding, "weight": weight}
 
 
-def run(devices, data, steps, freeze=0, freeze_mode="auto", cfg=CFG):
+def run(devices, data, steps, freeze=0, freeze_mode="auto", cfg=CFG, train_top_layers=0):
   module = models.build(cfg)
   tx = optimizer.make(OPTIM, 100)
   params = jax.device_get(jax.jit(lambda r: module.init(r, np.zeros((1, 6400), np.float32))["params"])(
       {"params": jax.random.PRNGKey(0)}))
   fn = functools.partial(train_step.finetune_step, module=module, tx=tx,
                          lr_schedule=schedules.learning_rate(OPTIM, 100), freeze_updates=freeze,
-                         freeze_mode=freeze_mode)
+                         freeze_mode=freeze_mode, train_top_layers=train_top_layers)
   runner = parallel.DataParallel(fn, "shard_map", devices)
   state = runner.put_state(train_step.init_state(params, tx, jax.random.key(0)))
   history, snapshots = [], [params]
@@ -80,6 +80,28 @@ def test_freeze_modes_make_the_same_updates(grad_mult):
     np.testing.assert_allclose(x, y, atol=1e-4, err_msg=jax.tree_util.keystr(path))
   with pytest.raises(ValueError, match="freeze_mode"):
     run(jax.devices()[:1], batch(), steps=1, freeze=1, freeze_mode="sometimes")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_top_layers_train_during_the_freeze(scan):
+  """train_top_layers=1 (re-initialised layers): while frozen, the top layer trains with the output
+  layer and every other backbone weight waits; afterwards all train. Per layer and stacked alike."""
+  cfg = CFG.replace(scan_layers=scan)
+  hist, snaps = run(jax.devices()[:1], batch(), steps=3, freeze=2, cfg=cfg, train_top_layers=1)
+  assert [h["frozen"] for h in hist] == [1.0, 1.0, 0.0]
+  top = cfg.encoder_layers - 1
+  layer = lambda p, i: jax.tree_util.tree_map(  # noqa: E731
+      lambda x: x[i], p["encoder"]["layers"]["layer"]) if scan else p["encoder"][f"layers_{i}"]
+  rest = lambda p: {k: v for k, v in p.items() if k != "encoder"} | {  # noqa: E731
+      "encoder": {k: v for k, v in p["encoder"].items() if not k.startswith("layers")}}
+  before, frozen, after = (s["wav2vec2"] for s in (snaps[0], snaps[2], snaps[3]))
+  assert changed(layer(before, top), layer(frozen, top)) and changed(snaps[0]["proj"], snaps[2]["proj"])
+  for i in range(top):
+    assert not changed(layer(before, i), layer(frozen, i))
+    assert changed(layer(frozen, i), layer(after, i))
+  assert not changed(rest(before), rest(frozen)) and changed(rest(frozen)["encoder"], rest(after)["encoder"])
+  with pytest.raises(ValueError, match="train_top_layers needs freeze_mode 'mask'"):
+    run(jax.devices()[:1], batch(), steps=1, freeze=1, freeze_mode="cond", cfg=cfg, train_top_layers=1)
 
 
 def test_always_frozen_is_a_linear_probe_with_the_masked_updates():

@@ -42,3 +42,15 @@ def test_reinit_without_a_pretrained_model_is_refused(tmp_path):
   cfg.reinit_layers = 1
   with pytest.raises(ValueError, match="reinit_layers needs config.init"):
     loop.finetune(cfg, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("flag, freeze, expected", [(True, 50, 2), (False, 50, 0), (True, 300, 0)])
+def test_reinit_layers_train_while_frozen_only_when_asked(flag, freeze, expected):
+  """train.train_reinit_while_frozen hands the re-initialised layers to the step's freeze
+  (test_finetune_step.py checks what the step does with them); a probe (freeze over every update)
+  never trains the backbone."""
+  cfg = configs.get("finetune", "tiny")
+  cfg.reinit_layers, cfg.train.train_reinit_while_frozen, cfg.train.freeze_updates = 2, flag, freeze
+  model_cfg = presets.get("tiny,ctc").replace(vocab_size=32)
+  _, _, step_fn = loop.finetune_step_fn(cfg, model_cfg)
+  assert step_fn.keywords["train_top_layers"] == expected

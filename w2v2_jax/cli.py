@@ -219,6 +219,11 @@ def _define_decoding(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("normalize", None, "Normalise waveforms (default: as the checkpoint says)", flag_values=fv)
 
 
+def augment_conditions():
+  from w2v2_jax.data.augment import CONDITIONS  # pylint: disable=import-outside-toplevel
+  return CONDITIONS
+
+
 def _define_evaluate(fv: flags.FlagValues, _: List[str]) -> None:
   flags.DEFINE_string("checkpoint", None, "Hugging Face directory, fine-tuning run directory (its export/), or "
                       "fairseq .pt", flag_values=fv)
@@ -231,6 +236,11 @@ def _define_evaluate(fv: flags.FlagValues, _: List[str]) -> None:
   flags.DEFINE_string("out", None, "Write per-utterance hypotheses (TSV) here", flag_values=fv)
   flags.DEFINE_float("chunk_seconds", None, "Transcribe utterances longer than this in overlapping chunks",
                      flag_values=fv)
+  flags.DEFINE_enum("condition", None, sorted(augment_conditions()),
+                    "Score under a perturbed acoustic condition (w2v2_jax/data/augment.py CONDITIONS): "
+                    "telephone band 300-3400 Hz, noisy (coloured noise at 5-15 dB SNR) or reverberant "
+                    "(RT60 0.5-1 s); the same perturbation of each utterance on every run", flag_values=fv)
+  flags.DEFINE_integer("condition_seed", 0, "Seed of the --condition draws", flag_values=fv)
   _define_decoding(fv)
   flags.mark_flags_as_required(["checkpoint", "data"], flag_values=fv)
 
@@ -248,7 +258,10 @@ def _run_evaluate(fv: flags.FlagValues, _: List[str]) -> dict:
   else:
     source = open_labeled_source(fv.data, fv.label)
   result = evaluate(recognizer, source, batch_seconds=fv.batch_seconds, beam_width=fv.beam, lm_path=fv.lm,
-                    alpha=fv.alpha, beta=fv.beta, chunk_seconds=fv.chunk_seconds, out_path=fv.out)
+                    alpha=fv.alpha, beta=fv.beta, chunk_seconds=fv.chunk_seconds, out_path=fv.out,
+                    augment=fv.condition, augment_seed=fv.condition_seed)
+  if fv.condition:
+    print(f"condition: {fv.condition} (seed {fv.condition_seed})")
   print(f"WER {100 * result['wer']:.2f}%  CER {100 * result['cer']:.2f}%  "
         f"utterances {result['utterances']}  skipped {result['skipped']}  "
         f"{result['utterances_per_second']:.2f} utterances/s")

@@ -12,7 +12,8 @@
   4. evaluate    WER / CER of every fine-tuned model on the test split (voices and sentences never trained on):
                  greedy, and beam search with a word 4-gram LM (`w2v2 build-lm` on the corpus's lm.txt,
                  which leaves out the valid and test sentences; LM weights chosen on valid), when the
-                 `kenlm` package is installed.
+                 `kenlm` package is installed; and greedy under acoustic conditions no stage trained on
+                 (telephone band, noise, reverberation: `augment.CONDITIONS`).
   5. transcribe  one test file, reference vs hypothesis.
   6. report      PNG curves (pretraining loss vs its chance level ln(K+1), accuracy, prob perplexity,
                  temperature; CTC loss and valid CER; valid CER of every arm, compare.png) and
@@ -136,6 +137,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   report["test"] = {"wer": round(float(scores["wer"]), 4), "cer": round(float(scores["cer"]), 4),
                     "utterances": int(scores["utterances"]), "hypotheses": hyp_path}
   report["test_lm"] = _lm_decoding(recognizer, corpus_dir, out_dir, manifest, say)
+  report["test_conditions"] = _robustness(recognizer, manifest("test"), seed)
   if arms:
     report["compare"] = {"pretrained": dict(report["finetune"], test_cer=report["test"]["cer"],
                                             test_wer=report["test"]["wer"])}
@@ -226,6 +228,19 @@ def _comparison_lines(compare: dict[str, Any]) -> list[str]:
   return [pair(a, b, what) for a, b, what in pairs if a in compare]
 
 
+def _robustness(recognizer, test_manifest: str, seed: int) -> dict[str, Any]:
+  """Greedy CER / WER on the test split under each of `augment.CONDITIONS` (telephone band, noise at
+  5-15 dB SNR, a reverberant room): audio no stage of the demo trained on in any form (unseen voices
+  through a channel fine-tuning never applies; the demo trains without augmentation)."""
+  from w2v2_jax.data import augment  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name in augment.CONDITIONS:
+    scores = evaluate(recognizer, test_manifest, augment=name, augment_seed=seed)
+    out[name] = {"cer": round(float(scores["cer"]), 4), "wer": round(float(scores["wer"]), 4)}
+  return out
+
+
 LM_ORDER = 4
 LM_BEAM = 32
 LM_GRID = ((0.1, 0.5), (0.1, 2.0), (0.2, 1.0), (0.2, 3.0), (0.5, 4.0))    # (alpha, beta) tried on valid
@@ -273,6 +288,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
       f"best valid CER {ft['valid_cer']:.3f} WER {ft['valid_wer']:.3f} "
       f"(update {ft['best_step']})",
       f"test (unseen voices): WER {t['wer']:.3f} CER {t['cer']:.3f} on {t['utterances']} utterances (greedy)",
+      *([("test under conditions never trained on (greedy CER): " + ", ".join(
+          f"{name} {v['cer']:.3f}" for name, v in report["test_conditions"].items()))]
+        if report.get("test_conditions") else []),
       *(_comparison_lines(compare) if compare else []),
       *([f"test with beam {lm_['beam']} + {lm_['order']}-gram LM (alpha {lm_['alpha']}, beta {lm_['beta']} "
          f"chosen on valid): WER {lm_['wer']:.3f} CER {lm_['cer']:.3f}"] if lm_ else []),

@@ -7,12 +7,14 @@ fine-tuning validation; transcription is `Recognizer.transcribe`; the rates are 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from typing import Any
 
 from w2v2_jax import scoring
+from w2v2_jax.data import augment as augment_lib
 from w2v2_jax.data import labeled
 from w2v2_jax.data.audio import AudioError
 from w2v2_jax.recognizer import DEFAULT_BATCH_SECONDS, Recognizer
@@ -23,7 +25,8 @@ log = logging.getLogger(__name__)
 def evaluate(recognizer: Recognizer, source: Any, *, label: str | None = None,
              batch_seconds: float = DEFAULT_BATCH_SECONDS, beam_width: int = 1, lm_path: str | None = None,
              alpha: float = 0.5, beta: float = 1.5, chunk_seconds: float | None = None,
-             out_path: str | None = None, num_threads: int = 4, log_every: int = 50) -> dict[str, Any]:
+             out_path: str | None = None, num_threads: int = 4, log_every: int = 50, augment: Any = None,
+             augment_seed: int = 0) -> dict[str, Any]:
   """Word and character error rates of `recognizer` over every item of a labeled source.
 
   Args:
@@ -34,6 +37,10 @@ def evaluate(recognizer: Recognizer, source: Any, *, label: str | None = None,
     out_path: if given, a TSV of id (the item's path), reference, hypothesis and error counts
       (`scoring.write_hypotheses`).
     num_threads: audio decoding threads; the next batch is decoded while the model runs.
+    augment: score under a perturbed condition: an `augment.AugmentConfig`, a mapping of its fields or
+      the name of one of `augment.CONDITIONS` (e.g. "telephone"); each utterance is perturbed (speed
+      first, then `augment.augment`) with draws from `augment.utterance_rng(augment_seed, 0, index)`,
+      so a condition is the same audio on every run and machine. None: the audio as it is.
 
   Items whose audio cannot be used (audio.AudioError) or whose reference is empty or has characters
   outside the vocabulary (after `Vocabulary.normalize`) are skipped, each with a warning naming it.
@@ -46,6 +53,7 @@ def evaluate(recognizer: Recognizer, source: Any, *, label: str | None = None,
   """
   if isinstance(source, (str, os.PathLike)):
     source = labeled.open_labeled_source(os.fspath(source), label)
+  condition = augment_lib.condition(augment) if augment is not None else None
   vocab = recognizer.vocab
   refs = labeled.References(source, vocab)
   batches = labeled.padded_batches(source, refs.todo, recognizer._batch_samples(batch_seconds),  # pylint: disable=protected-access
@@ -53,9 +61,13 @@ def evaluate(recognizer: Recognizer, source: Any, *, label: str | None = None,
 
   def load(index):
     try:
-      return source.load(index, sample_rate=recognizer.sample_rate, normalize=False)
+      item = source.load(index, sample_rate=recognizer.sample_rate, normalize=False)
     except AudioError as e:
       return e
+    if condition is not None:
+      item = dataclasses.replace(item, audio=augment_lib.perturb(item.audio, condition, augment_lib.utterance_rng(
+          augment_seed, 0, index), recognizer.sample_rate))
+    return item
 
   hyps: dict[int, str] = {}
   audio_samples = 0

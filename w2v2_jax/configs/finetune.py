@@ -95,7 +95,9 @@ def get_config(arg: str = "base_10m") -> ml_collections.ConfigDict:
       final_lr_scale=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=0.0))
   c.train = ml_collections.ConfigDict(dict(steps=updates, freeze_updates=freeze, seed=0, log_every=200,
                                            eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,
-                                           best_metric="wer"))     # exported model: best valid "wer" or "cer"
+                                           best_metric="wer",      # exported model: best valid "wer" or "cer"
+                                           # the reinit_layers train during the freeze too (with the output layer)
+                                           train_reinit_while_frozen=False))
   c.parallel = ml_collections.ConfigDict(dict(mode="shard_map", fsdp_min_size=4096))   # as pretraining's
   if arg.startswith(("base", "large")):
     # Recompute each transformer layer in the backward pass: no change to the numbers; chosen from

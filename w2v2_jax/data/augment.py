@@ -155,6 +155,29 @@ def augment(audio: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, sam
   return x.astype(np.float32)
 
 
+def perturb(audio: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, sample_rate: int) -> np.ndarray:
+  """Speed (`speed_factor`, `change_speed`; no length limit), then `augment`: one utterance, float32."""
+  return augment(change_speed(np.asarray(audio, np.float32), speed_factor(cfg, rng)), cfg, rng, sample_rate)
+
+
+# Fixed acoustic conditions to score a model under (`w2v2 evaluate --condition=NAME`, the demo's
+# robustness lines): every transform at probability 1, so each utterance is perturbed.
+CONDITIONS = {
+    "telephone": AugmentConfig(bandlimit_prob=1.0, highpass=(300.0, 300.0), lowpass=(3400.0, 3400.0)),
+    "noisy": AugmentConfig(noise_prob=1.0, snr=(5.0, 15.0)),
+    "reverberant": AugmentConfig(reverb_prob=1.0, rt60=(0.5, 1.0), drr=(0.0, 6.0)),
+}
+
+
+def condition(spec: Any) -> AugmentConfig:
+  """An AugmentConfig from the name of one of CONDITIONS, an AugmentConfig or a mapping of its fields."""
+  if isinstance(spec, str):
+    if spec not in CONDITIONS:
+      raise ValueError(f"unknown condition {spec!r}; choose one of {sorted(CONDITIONS)}")
+    return CONDITIONS[spec]
+  return AugmentConfig.from_any(spec)
+
+
 def utterance_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
   """The generator of one utterance's draws in one epoch."""
   return np.random.default_rng([int(seed), int(epoch), int(index), 0xA06])

@@ -64,7 +64,10 @@ def finetune_step_fn(config: Any, model_cfg: ModelConfig, blank_id: int = 0):
                               lr_schedule=schedules.learning_rate(config.optim, total),
                               freeze_updates=freeze, blank_id=blank_id,
                               freeze_mode="always" if freeze >= total else "auto",
-                              clip_norm=float(config.optim.clip_norm))
+                              clip_norm=float(config.optim.clip_norm),
+                              train_top_layers=(int(config.get("reinit_layers", 0))
+                                                if freeze < total and config.train.get("train_reinit_while_frozen")
+                                                else 0))
   return module, tx, step_fn
 
 

@@ -152,10 +152,32 @@ def pretrain_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
   return new_state, metrics
 
 
+def top_layers_mask(backbone: Any, count: int) -> Any:
+  """A tree like `backbone` (the wav2vec2 params or their gradients) of bool masks, True in the top
+  `count` transformer layers: a scalar per leaf of a per-layer model (encoder/layers_<i>), a (layers,
+  1, ...) array for a stacked one (encoder/layers/layer, layer axis first), False elsewhere."""
+  layers = backbone.get("encoder", {}) if hasattr(backbone, "get") else {}
+  stacked = "layers" in layers
+  total = (jax.tree_util.tree_leaves(layers["layers"])[0].shape[0] if stacked
+           else sum(1 for k in layers if k.startswith("layers_")))
+
+  def mask(path, leaf):
+    keys = [getattr(k, "key", None) for k in path]
+    if count <= 0 or len(keys) < 2 or keys[0] != "encoder":
+      return jnp.asarray(False)
+    if stacked and keys[1] == "layers":
+      on = jnp.arange(total) >= total - count
+      return on.reshape((total,) + (1,) * (jnp.ndim(leaf) - 1))
+    if keys[1].startswith("layers_"):
+      return jnp.asarray(int(keys[1][len("layers_"):]) >= total - count)
+    return jnp.asarray(False)
+  return jax.tree_util.tree_map_with_path(mask, backbone)
+
+
 def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.GradientTransformation,
                   lr_schedule: Callable, freeze_updates: int = 0, blank_id: int = 0,
                   axis_name: str = "data", freeze_mode: str = "auto", clip_norm: float = 0.0,
-                  split: Optional[Any] = None) -> Tuple[State, Dict[str, jnp.ndarray]]:
+                  split: Optional[Any] = None, train_top_layers: int = 0) -> Tuple[State, Dict[str, jnp.ndarray]]:
   """One CTC fine-tuning update on this device's shard.
 
   batch: `audio` (A, b, L) float32, `padding_mask` (A, b, L) bool, `labels` (A, b, N) int32,
@@ -178,9 +200,15 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
   "always": the backbone never trains (a linear probe of its features: only the backward pass of the
   output layer is computed); `finetune_step_fn` picks it when freeze_updates covers every update.
   clip_norm, split: see `apply_gradients`.
+  train_top_layers: the top transformer layers that train during the freeze too (the layers
+    `config.reinit_layers` gave a random initialisation: nothing in them to protect), with the output
+    layer; the rest of the backbone waits. Needs the backward pass through them, so it takes "mask".
   """
   if freeze_mode == "auto":
-    freeze_mode = "mask" if backend.target() == "cpu" else "cond"
+    freeze_mode = "mask" if backend.target() == "cpu" or train_top_layers else "cond"
+  if train_top_layers and freeze_mode == "cond":
+    raise ValueError("train_top_layers needs freeze_mode 'mask' (or 'auto'): 'cond' stops the backward pass "
+                     "below the output layer")
   if freeze_mode not in ("cond", "mask", "always"):
     raise ValueError(f"freeze_mode must be 'auto', 'cond', 'mask' or 'always', got {freeze_mode!r}")
   num_micro = batch["audio"].shape[0]
@@ -204,8 +232,9 @@ def finetune_step(state: State, batch: Batch, *, module: Any, tx: optax.Gradient
     grads, aux = grads_for(False)(state["params"])
     if freeze_updates > 0:
       frozen = updates_done < freeze_updates
-      grads = dict(grads, wav2vec2=jax.tree_util.tree_map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g),
-                                                         grads["wav2vec2"]))
+      keep = top_layers_mask(grads["wav2vec2"], train_top_layers)
+      grads = dict(grads, wav2vec2=jax.tree_util.tree_map(
+          lambda g, k: jnp.where(frozen & ~k, jnp.zeros_like(g), g), grads["wav2vec2"], keep))
   grads = fsdp.reduce_gradients(grads, split, axis_name)
   new_state, update_stats = apply_gradients(state, grads, tx, clip_norm=clip_norm, split=split, axis_name=axis_name)
   sums = jax.lax.psum(aux, axis_name)
