@@ -82,26 +82,42 @@ def test_freeze_modes_make_the_same_updates(grad_mult):
     run(jax.devices()[:1], batch(), steps=1, freeze=1, freeze_mode="sometimes")
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_top_layers_train_during_the_freeze(scan):
+def test_top_layers_train_during_the_freeze():
   """train_top_layers=1 (re-initialised layers): while frozen, the top layer trains with the output
-  layer and every other backbone weight waits; afterwards all train. Per layer and stacked alike."""
-  cfg = CFG.replace(scan_layers=scan)
-  hist, snaps = run(jax.devices()[:1], batch(), steps=3, freeze=2, cfg=cfg, train_top_layers=1)
+  layer and every other backbone weight waits; afterwards all train."""
+  hist, snaps = run(jax.devices()[:1], batch(), steps=3, freeze=2, train_top_layers=1)
   assert [h["frozen"] for h in hist] == [1.0, 1.0, 0.0]
-  top = cfg.encoder_layers - 1
-  layer = lambda p, i: jax.tree_util.tree_map(  # noqa: E731
-      lambda x: x[i], p["encoder"]["layers"]["layer"]) if scan else p["encoder"][f"layers_{i}"]
+  top = CFG.encoder_layers - 1
   rest = lambda p: {k: v for k, v in p.items() if k != "encoder"} | {  # noqa: E731
-      "encoder": {k: v for k, v in p["encoder"].items() if not k.startswith("layers")}}
+      "encoder": {k: v for k, v in p["encoder"].items() if not k.startswith("layers_")}}
   before, frozen, after = (s["wav2vec2"] for s in (snaps[0], snaps[2], snaps[3]))
+  layer = lambda p, i: p["encoder"][f"layers_{i}"]  # noqa: E731
   assert changed(layer(before, top), layer(frozen, top)) and changed(snaps[0]["proj"], snaps[2]["proj"])
   for i in range(top):
     assert not changed(layer(before, i), layer(frozen, i))
     assert changed(layer(frozen, i), layer(after, i))
   assert not changed(rest(before), rest(frozen)) and changed(rest(frozen)["encoder"], rest(after)["encoder"])
   with pytest.raises(ValueError, match="train_top_layers needs freeze_mode 'mask'"):
-    run(jax.devices()[:1], batch(), steps=1, freeze=1, freeze_mode="cond", cfg=cfg, train_top_layers=1)
+    run(jax.devices()[:1], batch(), steps=1, freeze=1, freeze_mode="cond", train_top_layers=1)
+
+
+def test_top_layers_mask_in_both_layouts():
+  """The freeze's mask: True in the top layers only, a scalar per per-layer leaf, (layers, 1, ...) for
+  a stacked one; the same layers either way."""
+  cfg = CFG.replace(encoder_layers=3)
+  module = models.build(cfg)
+  params = jax.eval_shape(lambda: module.init({"params": jax.random.PRNGKey(0)},
+                                              np.zeros((1, 6400), np.float32))["params"]["wav2vec2"])
+  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), params)
+  per_layer = train_step.top_layers_mask(params, 2)
+  stacked = train_step.top_layers_mask(models.layer_layout(params, True), 2)
+  assert [bool(per_layer["encoder"][f"layers_{i}"]["fc1"]["kernel"]) for i in range(3)] == [False, True, True]
+  kernel = stacked["encoder"]["layers"]["layer"]["fc1"]["kernel"]
+  assert kernel.shape == (3, 1, 1) and kernel.reshape(-1).tolist() == [False, True, True]
+  outside = [v for path, v in jax.tree_util.tree_flatten_with_path(stacked)[0]
+             if "layers" not in jax.tree_util.keystr(path)]
+  assert outside and not any(bool(v) for v in outside)
+  assert not any(bool(np.any(v)) for v in jax.tree_util.tree_leaves(train_step.top_layers_mask(params, 0)))
 
 
 def test_always_frozen_is_a_linear_probe_with_the_masked_updates():
