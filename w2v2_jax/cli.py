@@ -219,12 +219,8 @@ def _define_decoding(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("normalize", None, "Normalise waveforms (default: as the checkpoint says)", flag_values=fv)
 
 
-def augment_conditions():
-  from w2v2_jax.data.augment import CONDITIONS  # pylint: disable=import-outside-toplevel
-  return CONDITIONS
-
-
 def _define_evaluate(fv: flags.FlagValues, _: List[str]) -> None:
+  from w2v2_jax.data.augment import CONDITIONS  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("checkpoint", None, "Hugging Face directory, fine-tuning run directory (its export/), or "
                       "fairseq .pt", flag_values=fv)
   flags.DEFINE_string("data", None, "Manifest .tsv with a .wrd or .ltr file next to it, or tfds:SPLIT (e.g. "
@@ -236,7 +232,7 @@ def _define_evaluate(fv: flags.FlagValues, _: List[str]) -> None:
   flags.DEFINE_string("out", None, "Write per-utterance hypotheses (TSV) here", flag_values=fv)
   flags.DEFINE_float("chunk_seconds", None, "Transcribe utterances longer than this in overlapping chunks",
                      flag_values=fv)
-  flags.DEFINE_enum("condition", None, sorted(augment_conditions()),
+  flags.DEFINE_enum("condition", None, sorted(CONDITIONS),
                     "Score under a perturbed acoustic condition (w2v2_jax/data/augment.py CONDITIONS): "
                     "telephone band 300-3400 Hz, noisy (coloured noise at 5-15 dB SNR) or reverberant "
                     "(RT60 0.5-1 s); the same perturbation of each utterance on every run", flag_values=fv)

@@ -232,11 +232,12 @@ def _robustness(recognizer, test_manifest: str, seed: int) -> dict[str, Any]:
   """Greedy CER / WER on the test split under each of `augment.CONDITIONS` (telephone band, noise at
   5-15 dB SNR, a reverberant room): audio no stage of the demo trained on in any form (unseen voices
   through a channel fine-tuning never applies; the demo trains without augmentation)."""
-  from w2v2_jax.data import augment  # pylint: disable=import-outside-toplevel
+  from w2v2_jax.data import augment, labeled  # pylint: disable=import-outside-toplevel
   from w2v2_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
+  source = labeled.open_labeled_source(test_manifest, None)      # read once, scored under each condition
   out = {}
   for name in augment.CONDITIONS:
-    scores = evaluate(recognizer, test_manifest, augment=name, augment_seed=seed)
+    scores = evaluate(recognizer, source, augment=name, augment_seed=seed)
     out[name] = {"cer": round(float(scores["cer"]), 4), "wer": round(float(scores["wer"]), 4)}
   return out
 
