@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from w2v2_jax.models import matmul
 from w2v2_jax.models.conv import grouped_conv
 from w2v2_jax.models.feature_encoder import gelu
 
@@ -19,7 +20,7 @@ Array = jnp.ndarray
 def _dense(features: int, dtype, name: str) -> nn.Dense:
   """Linear layer with BERT init (N(0, 0.02) weights, zero bias), as the reference initialises it."""
   return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
-                  name=name)
+                  dot_general=matmul.dot_general, name=name)
 
 
 def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:

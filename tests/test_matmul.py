@@ -1,0 +1,106 @@
+"""models/matmul.py: bf16 Dense matmuls on XLA:CPU's fast kernels, the same products as everywhere else."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from w2v2_jax import backend, models
+from w2v2_jax.models import matmul
+from w2v2_jax.models.presets import get as preset
+
+BF16 = jnp.bfloat16
+
+
+def _dense_dims(x):
+  return (((x.ndim - 1,), (0,)), ((), ()))
+
+
+def _reference(x, w, dy):
+  """y, dx, dw in float64 from the bf16 values, rounded to bf16 (float32 accumulation's result, up to
+  the accumulation order)."""
+  x64, w64, dy64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, w, dy))
+  y = x64 @ w64
+  dx = dy64 @ w64.T
+  dw = x64.reshape(-1, x64.shape[-1]).T @ dy64.reshape(-1, dy64.shape[-1])
+  return y, dx, dw
+
+
+@pytest.mark.parametrize("shape", [(4, 199, 64), (6, 64), (13, 64), (3, 5, 64)])
+def test_bf16_dense_forward_and_gradients_match_float64(shape):
+  """Rows that factor (4 x 199, 6) take the reordered-rows weight gradient, 13 rows the plain one."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), BF16)
+  w = jnp.asarray(rng.standard_normal((64, 48)), BF16)
+  dy = jnp.asarray(rng.standard_normal(shape[:-1] + (48,)), BF16)
+  y, vjp = jax.vjp(jax.jit(lambda x, w: matmul.dot_general(x, w, _dense_dims(x))), x, w)
+  dx, dw = vjp(dy)
+  assert y.dtype == dx.dtype == dw.dtype == BF16 and y.shape == shape[:-1] + (48,) and dw.shape == w.shape
+  for ours, ref in zip((y, dx, dw), _reference(x, w, dy)):
+    ours = np.asarray(ours.astype(jnp.float32), np.float64)
+    # One bf16 rounding of the float32 sum: relative error <= 2^-8 of each value (plus float32 noise).
+    assert np.all(np.abs(ours - ref) <= 2.0 ** -8 * np.abs(ref) + 1e-3), np.max(np.abs(ours - ref))
+
+
+def _dot_operand_types(dot):
+  """For each matmul kernel call in the compiled CPU program of a Dense layer's forward and backward
+  (x (4, 199, 64) @ w (64, 48)): the element types of its operands."""
+  def fwd_bwd(x, w, dy):
+    y, vjp = jax.vjp(lambda x, w: dot(x, w, _dense_dims(x)), x, w)
+    return y, vjp(dy)
+  args = (jnp.zeros((4, 199, 64), BF16), jnp.zeros((64, 48), BF16), jnp.zeros((4, 199, 48), BF16))
+  text = jax.jit(fwd_bwd).lower(*args).compile().as_text()
+  entry = text[text.index("ENTRY"):].splitlines()         # the program's own instructions
+  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", "\n".join(entry)))
+  return [tuple(types[name] for name in re.findall(r"%([\w.\-]+)", line.split("fusion(", 1)[1].split(")")[0]))
+          for line in entry if '"__ynn_fusion"' in line or " dot(" in line]
+
+
+def test_the_cpu_program_multiplies_bf16_operands_forward_and_backward():
+  """XLA:CPU runs all three dots (y, dx, dw) of our bf16 Dense layer on bf16 operands (its bf16
+  kernels); plain lax.dot_general converts operands to float32 first for at least one of them."""
+  ours = _dot_operand_types(matmul.dot_general)
+  assert len(ours) == 3 and all(t == ("bf16", "bf16") for t in ours), ours
+  assert any("f32" in t for t in _dot_operand_types(jax.lax.dot_general))
+
+
+def test_other_platforms_and_float32_keep_lax_dot_general():
+  x = jnp.zeros((4, 10, 64), BF16)
+  w = jnp.zeros((64, 48), BF16)
+  # A new function for each trace: traces are cached per function, not per target platform.
+  traced = lambda x, w: str(jax.make_jaxpr(lambda x, w: matmul.dot_general(x, w, _dense_dims(x)))(x, w))
+  with backend.compiling_for("tpu"):
+    tpu = traced(x, w)
+  assert "custom_vjp" not in tpu and "dot_general" in tpu
+  assert "custom_vjp" in traced(x, w)
+  assert "custom_vjp" not in traced(x.astype(jnp.float32), w.astype(jnp.float32))
+
+
+def test_bf16_model_gradients_match_the_native_formulation():
+  """The tiny bf16 encoder's gradient with the CPU path equals the one traced as for a TPU (lax's bf16
+  dots, run here on CPU) up to bf16 rounding."""
+  cfg = preset("tiny").replace(task="encoder", dtype="bfloat16")
+  module = models.build(cfg)
+  audio = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8000)), jnp.float32)
+  params = module.init(jax.random.PRNGKey(0), audio)["params"]
+
+  def grad():       # a new function each call: traces are cached per function, not per platform
+    def loss(p):
+      h = module.apply({"params": p}, audio)["last_hidden_state"].astype(jnp.float32)
+      return 0.5 * jnp.sum(h * h)
+    return jax.jit(jax.grad(loss))(params)
+
+  ours = grad()
+  with backend.compiling_for("tpu"):
+    native = grad()
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(ours),
+                                                      jax.tree_util.tree_leaves(native)))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves(native)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.any(b):                    # unused in this forward pass (mask_emb)
+      assert not np.any(a), jax.tree_util.keystr(path)
+      continue
+    scale = np.max(np.abs(b))
+    assert np.max(np.abs(a - b)) < 0.05 * scale, jax.tree_util.keystr(path)
+    assert a.size < 4 or np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99, jax.tree_util.keystr(path)
