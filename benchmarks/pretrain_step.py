@@ -3,15 +3,16 @@
     python benchmarks/pretrain_step.py                  # BASE size, batch 4 x 4 s, fp32 (+ bf16 where fast)
     python benchmarks/pretrain_step.py --size tiny --steps 3 --dtypes float32
 
-For each compute dtype, median times (after warm-up / compilation, the variants' calls interleaved) of
+Each runtime and dtype runs in its own process, alone, one after the other (JAX ran 20-30% slower beside
+a live PyTorch process or its own bf16 variant). For each compute dtype, median times (after warm-up /
+compilation, the kinds' calls interleaved) of
   - the full train step (ours: the production `pretrain_step` on one device: forward, masking, negatives,
     loss, backward, Adam update; torch: `Wav2Vec2ForPreTraining` with HF's masks and negatives, AdamW),
   - the encoder forward pass (eval mode),
   - the encoder forward + backward (gradient of 0.5 * sum(hidden ** 2) for every parameter, eval mode),
 and the ratios torch time / ours against torch fp32 and torch in the same dtype. Each timed call starts
-after --pause idle seconds: measured back to back, a call ran up to 15% slower after the other runtime's
-call (its threads still spinning). bf16 is mixed precision
-on both sides: ours `model.dtype=bfloat16` (params, softmax, losses fp32), torch `torch.autocast` (CPU,
+after --pause idle seconds (the previous call's worker threads stop spinning). bf16 is mixed precision on
+both sides: ours `model.dtype=bfloat16` (params, softmax, losses fp32), torch `torch.autocast` (CPU,
 bfloat16). `--dtypes auto` adds bf16 when the CPU has bf16 instructions (AMX or AVX512-BF16).
 PyTorch runs with flush-denormal on (10x slower without it). Where the time goes:
 `benchmarks/encoder_profile.py`.
@@ -22,6 +23,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import multiprocessing
 import os
 import statistics
 import sys
@@ -166,6 +168,30 @@ def workload(args):
   return cfg, audio, params
 
 
+def _worker(conn, side: str, flags: dict, dtype: str) -> None:
+  """One runtime in one dtype, in its own process: builds and warms up its callables (sends
+  {kind: seconds}), then runs each kind it is sent and answers with the seconds it took, until sent None."""
+  args = argparse.Namespace(**flags)
+  cfg, audio, params = workload(args)
+  with tempfile.TemporaryDirectory() as tmp:
+    if side == "torch":
+      from w2v2_jax import convert
+      convert.to_hf(cfg, params, tmp)
+      fns = torch_callables(tmp, audio, dtype)
+    else:
+      fns = jax_callables(cfg.replace(dtype=dtype), params, audio)
+  warm = {}
+  for kind, fn in fns.items():               # warm-up: compilation, allocator, first-call costs
+    start = time.perf_counter()
+    fn()
+    warm[kind] = time.perf_counter() - start
+  conn.send(warm)
+  while (kind := conn.recv()) is not None:
+    start = time.perf_counter()
+    fns[kind]()
+    conn.send(time.perf_counter() - start)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_workload_args(parser)
@@ -173,42 +199,37 @@ def main():
                       help="comma-separated compute dtypes (float32, bfloat16), or auto: float32, plus "
                            "bfloat16 on CPUs with bf16 instructions")
   parser.add_argument("--pause", type=float, default=1.0,
-                      help="seconds idle before each timed call: both runtimes' worker threads spin for a "
-                           "while after a call and would slow whichever call comes next")
+                      help="seconds idle before each timed call: a runtime's worker threads spin for a "
+                           "while after a call and would slow the next one")
   parser.add_argument("--which", choices=("both", "jax", "torch"), default="both")
   args = parser.parse_args()
 
   dtypes = (["float32"] + (["bfloat16"] if cpu_has_bf16() else [])) if args.dtypes == "auto" \
       else args.dtypes.split(",")
-  cfg, audio, params = workload(args)
+  sides = {"both": ("ours", "torch"), "jax": ("ours",), "torch": ("torch",)}[args.which]
   audio_seconds = args.batch * args.seconds
   print(f"config={args.size} batch={args.batch} x {args.seconds:g} s  dtypes={','.join(dtypes)}  "
-        f"{os.cpu_count()} CPUs, jax {jax.__version__} devices={jax.devices()}  medians of {args.steps}, interleaved")
+        f"{os.cpu_count()} CPUs, jax {jax.__version__}  medians of {args.steps}, one process per runtime and dtype")
 
-  variants = {}          # (side, dtype) -> {kind: fn}
-  warm = {}
-  with tempfile.TemporaryDirectory() as tmp:
-    if args.which in ("both", "torch"):
-      from w2v2_jax import convert
-      convert.to_hf(cfg, params, tmp)
+  # One process per runtime and dtype, one after the other, each alone on the machine as a user's program
+  # is. Measured in one process, JAX ran 20-30% slower beside a live PyTorch (another process included,
+  # even idle between calls) or beside its own bf16 variant; PyTorch did not slow down.
+  ctx = multiprocessing.get_context("spawn")
+  warm, times = {}, collections.defaultdict(list)
+  for side in sides:
     for dtype in dtypes:
-      if args.which in ("both", "jax"):
-        variants[("ours", dtype)] = jax_callables(cfg.replace(dtype=dtype), params, audio)
-      if args.which in ("both", "torch"):
-        variants[("torch", dtype)] = torch_callables(tmp, audio, dtype)
-  for key, fns in variants.items():          # warm-up: compilation, allocator, first-call costs
-    for kind, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      warm[key + (kind,)] = time.perf_counter() - start
-  times = collections.defaultdict(list)
-  for _ in range(args.steps):
-    for kind in KINDS:
-      for key, fns in variants.items():
-        time.sleep(args.pause)             # let the previous call's worker threads stop spinning
-        start = time.perf_counter()
-        fns[kind]()
-        times[key + (kind,)].append(time.perf_counter() - start)
+      parent, child = ctx.Pipe()
+      proc = ctx.Process(target=_worker, args=(child, side, vars(args), dtype), daemon=True)
+      proc.start()
+      for kind, seconds in parent.recv().items():       # built and warmed up
+        warm[(side, dtype, kind)] = seconds
+      for _ in range(args.steps):
+        for kind in KINDS:
+          time.sleep(args.pause)           # let the previous call's worker threads stop spinning
+          parent.send(kind)
+          times[(side, dtype, kind)].append(parent.recv())
+      parent.send(None)
+      proc.join()
   med = {k: statistics.median(v) for k, v in times.items()}
 
   print(f"\n| {'':16s} | {'dtype':8s} | {'ours':>8s} | {'torch':>8s} | {'torch / ours':>12s} | {'torch fp32 / ours':>17s} |")

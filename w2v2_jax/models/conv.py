@@ -4,6 +4,11 @@ All convolutions are XLA's native ones, except one: XLA:CPU computes the weight 
 convolution many times slower than matmuls (measured here: the positional conv's weight gradient 2.0 s
 vs 0.05 s for its forward pass), so on CPU that gradient is computed as chunked per-group matmuls.
 (An im2col lowering of the strided conv-encoder convs was measured too and was slower end to end.)
+
+In bfloat16 on CPU, the strided convs whose kernel spans one to two strides (the conv encoder's k=3, s=2
+and k=2, s=2) run as matmuls over stride-folded frames on the CPU's bf16 kernels (`models/matmul.py`):
+XLA:CPU has no bf16 convolution kernel and computes them in float32 (measured here, the BASE encoder's
+second conv, 4 x 4 s: forward + backward 0.66 s vs 0.88 s).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from w2v2_jax import backend
+from w2v2_jax.models.matmul import bf16_matmul
 
 _DIMS = ("NWC", "WIO", "NWC")
 
@@ -23,7 +29,27 @@ def _on_cpu() -> bool:
 
 def strided_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
   """VALID 1-D convolution. x (B, L, C_in), kernel (k, C_in, C_out) -> (B, (L - k) // s + 1, C_out)."""
+  k = kernel.shape[0]
+  if (_on_cpu() and x.dtype == kernel.dtype == jnp.bfloat16 and 2 <= stride <= k <= 2 * stride
+      and x.shape[1] >= k):
+    return _folded_conv(x, kernel, stride)
   return jax.lax.conv_general_dilated(x, kernel, (stride,), "VALID", dimension_numbers=_DIMS)
+
+
+def _folded_conv(x, kernel, stride):
+  """The same convolution for stride <= k <= 2 * stride as matmuls: with frames folded in blocks of
+  `stride` samples, output t = block t @ kernel[:stride] + (the first k - stride samples of block t + 1)
+  @ kernel[stride:]."""
+  b, length, c = x.shape
+  k, s = kernel.shape[0], stride
+  t = (length - k) // s + 1
+  blocks = t + (1 if k > s else 0)
+  x = x[:, :blocks * s] if length >= blocks * s else jnp.pad(x, ((0, 0), (0, blocks * s - length), (0, 0)))
+  folded = x.reshape(b, blocks, s * c)
+  y = bf16_matmul(folded[:, :t], kernel[:s].reshape(s * c, -1))
+  if k > s:
+    y = y + bf16_matmul(folded[:, 1:t + 1, :(k - s) * c], kernel[s:].reshape((k - s) * c, -1))
+  return y
 
 
 def grouped_conv(x: jnp.ndarray, kernel: jnp.ndarray, groups: int, padding: int) -> jnp.ndarray:

@@ -36,7 +36,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
       or preferred_element_type not in (None, jnp.bfloat16) or kwargs):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
-  return _bf16_matmul(lhs, rhs)
+  return bf16_matmul(lhs, rhs)
 
 
 def _mm(a, b, contract):
@@ -44,13 +44,13 @@ def _mm(a, b, contract):
 
 
 @jax.custom_vjp
-def _bf16_matmul(x, w):
+def bf16_matmul(x, w):
   """x (..., K) bf16, w (K, N) bf16 -> (..., N) bf16, accumulated in float32."""
   return _mm(x, w, ((x.ndim - 1,), (0,))).astype(jnp.bfloat16)
 
 
 def _fwd(x, w):
-  return _bf16_matmul(x, w), (x, w)
+  return bf16_matmul(x, w), (x, w)
 
 
 def _row_split(m: int) -> int:
@@ -82,5 +82,5 @@ def _bwd(res, dy):
   return dx, dw.astype(w.dtype)
 
 
-_bf16_matmul.defvjp(_fwd, _bwd)
+bf16_matmul.defvjp(_fwd, _bwd)
 
