@@ -26,3 +26,16 @@ if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not i
   _CACHE = tempfile.mkdtemp(prefix="w2v2-jax-test-xla-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
+# The longest test files first (`pytest --durations`, this suite's wall time is what CI waits for): with
+# `--dist loadfile` xdist hands out whole files in collection order, so a long file collected late ran
+# on one worker while the other sat idle. Sorting is stable: the others keep their order.
+_LONGEST_FIRST = ("test_demo.py", "test_fsdp.py", "test_aot.py", "test_notebooks.py", "test_train_step.py",
+                  "test_multihost.py", "test_object_storage.py", "test_finetune_step.py", "test_finetune_loop.py",
+                  "test_pretrain_loop.py", "test_models.py", "test_validation.py")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
