@@ -46,10 +46,10 @@ def _folded_conv(x, kernel, stride):
   blocks = t + (1 if k > s else 0)
   x = x[:, :blocks * s] if length >= blocks * s else jnp.pad(x, ((0, 0), (0, blocks * s - length), (0, 0)))
   folded = x.reshape(b, blocks, s * c)
-  y = bf16_matmul(folded[:, :t], kernel[:s].reshape(s * c, -1))
+  y = bf16_matmul(folded[:, :t], kernel[:s].reshape(s * c, -1), jnp.float32)
   if k > s:
-    y = y + bf16_matmul(folded[:, 1:t + 1, :(k - s) * c], kernel[s:].reshape((k - s) * c, -1))
-  return y
+    y = y + bf16_matmul(folded[:, 1:t + 1, :(k - s) * c], kernel[s:].reshape((k - s) * c, -1), jnp.float32)
+  return y.astype(x.dtype)             # the two partial sums added in float32, rounded once
 
 
 def grouped_conv(x: jnp.ndarray, kernel: jnp.ndarray, groups: int, padding: int) -> jnp.ndarray:

@@ -20,6 +20,8 @@ accumulation, rounded to bf16) in forms the fast kernels take, forward and backw
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -43,14 +45,15 @@ def _mm(a, b, contract):
   return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=_F32)
 
 
-@jax.custom_vjp
-def bf16_matmul(x, w):
-  """x (..., K) bf16, w (K, N) bf16 -> (..., N) bf16, accumulated in float32."""
-  return _mm(x, w, ((x.ndim - 1,), (0,))).astype(jnp.bfloat16)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bf16_matmul(x, w, out_dtype=jnp.bfloat16):
+  """x (..., K) bf16, w (K, N) bf16 -> (..., N) in `out_dtype`, accumulated in float32 (a float32 result
+  lets a caller add partial products before rounding once)."""
+  return _mm(x, w, ((x.ndim - 1,), (0,))).astype(out_dtype)
 
 
-def _fwd(x, w):
-  return bf16_matmul(x, w), (x, w)
+def _fwd(x, w, out_dtype):
+  return bf16_matmul(x, w, out_dtype), (x, w)
 
 
 def _row_split(m: int) -> int:
@@ -67,7 +70,7 @@ def _rows_reordered(a2d, split: int):
   return jnp.swapaxes(a2d.reshape(split, m // split, c), 0, 1).reshape(m, c)
 
 
-def _bwd(res, dy):
+def _bwd(out_dtype, res, dy):  # pylint: disable=unused-argument
   x, w = res
   dy = dy.astype(jnp.bfloat16)
   dx = _mm(dy, w, ((dy.ndim - 1,), (1,))).astype(x.dtype)
