@@ -9,9 +9,10 @@ here, (796, 768) x (768, 3072) took 9.3 ms against 18.4 ms in float32. It does t
 (M, K) x (K, N) layout of operands already in memory; a dot whose operand is a transpose (as a weight
 gradient's is) falls back to the float32 conversion.
 
-`dot_general` below is a drop-in for `nn.Dense(dot_general=...)`. Off CPU, or for float32 operands, it
-is `lax.dot_general`. On CPU with bf16 operands it computes the same products (bf16 inputs, float32
-accumulation, rounded to bf16) in forms the fast kernels take, forward and backward:
+`dot_general` below is a drop-in for `nn.Dense(dot_general=...)` (`dense` builds the model's layers with
+it). Off CPU, for float32 operands or with an explicit precision, it is `lax.dot_general`. On CPU with
+bf16 operands it computes the same products (bf16 inputs, float32 accumulation, rounded to bf16) in forms
+the fast kernels take, forward and backward:
   y  = x @ W                 (M, K) x (K, N)
   dx = dy @ W^T              contracting both operands' last axis, also a fast form
   dW = x^T @ dy              over the M = rows axis; x^T and dy are first copied with their rows in
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -30,12 +32,18 @@ from w2v2_jax import backend
 _F32 = jnp.float32
 
 
+def dense(features: int, dtype, kernel_init, name: str) -> nn.Dense:
+  """The model's linear layer: float32 params, compute in `dtype`, matmuls through `dot_general` below."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                  dot_general=dot_general, name=name)
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
   """`lax.dot_general`, with the fast CPU path for a bf16 Dense layer: lhs (..., K) x rhs (K, N)."""
   (lc, rc), (lb, rb) = dimension_numbers
   dense_form = tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb and rhs.ndim == 2
   if (backend.target() != "cpu" or not dense_form or lhs.dtype != jnp.bfloat16 or rhs.dtype != jnp.bfloat16
-      or preferred_element_type not in (None, jnp.bfloat16) or kwargs):
+      or precision is not None or preferred_element_type not in (None, jnp.bfloat16) or kwargs):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
   return bf16_matmul(lhs, rhs)

@@ -64,8 +64,7 @@ class GumbelQuantizer(nn.Module):
     """
     b, t, _ = x.shape
     g, v = self.num_groups, self.num_vars
-    logits = nn.Dense(g * v, dtype=self.dtype, param_dtype=jnp.float32, dot_general=matmul.dot_general,
-                      kernel_init=nn.initializers.normal(1.0), name="weight_proj")(x)
+    logits = matmul.dense(g * v, self.dtype, nn.initializers.normal(1.0), "weight_proj")(x)
     logits = logits.astype(jnp.float32).reshape(b, t, g, v)
     codebook = self.param("vars", nn.initializers.uniform(1.0), (g * v, self.dim // g), jnp.float32)
     codebook = codebook.reshape(g, v, self.dim // g)

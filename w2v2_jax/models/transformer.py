@@ -19,8 +19,7 @@ Array = jnp.ndarray
 
 def _dense(features: int, dtype, name: str) -> nn.Dense:
   """Linear layer with BERT init (N(0, 0.02) weights, zero bias), as the reference initialises it."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
-                  dot_general=matmul.dot_general, name=name)
+  return matmul.dense(features, dtype, nn.initializers.normal(0.02), name)
 
 
 def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:

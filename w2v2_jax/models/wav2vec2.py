@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from w2v2_jax import masking
-from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models import matmul
+from w2v2_jax.models.config import ModelConfig
 from w2v2_jax.models.feature_encoder import FeatureEncoder, check_audio, frame_padding_mask
 from w2v2_jax.models.quantizer import GumbelQuantizer
 from w2v2_jax.models.transformer import TransformerEncoder
@@ -77,8 +77,7 @@ class Wav2Vec2Backbone(nn.Module):
 
     normed = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=dtype,
                           name="layer_norm")(features)
-    x = nn.Dense(cfg.encoder_embed_dim, dtype=dtype, param_dtype=jnp.float32, dot_general=matmul.dot_general,
-                 kernel_init=_torch_linear_init, name="post_extract_proj")(normed)
+    x = matmul.dense(cfg.encoder_embed_dim, dtype, _torch_linear_init, "post_extract_proj")(normed)
     x = nn.Dropout(cfg.dropout_input)(x, deterministic=deterministic)
 
     mask_emb = self.param("mask_emb", nn.initializers.uniform(1.0), (cfg.encoder_embed_dim,), jnp.float32)
@@ -139,10 +138,8 @@ class Wav2Vec2ForPreTraining(nn.Module):
     quantizer_in = nn.Dropout(cfg.dropout_features)(out["normed_features"], deterministic=deterministic)
     q = GumbelQuantizer(cfg.latent_groups, cfg.latent_vars, cfg.vq_dim, dtype, name="quantizer")(
         quantizer_in, counted, temperature=temperature, deterministic=deterministic, row_ids=row_ids)
-    out["targets"] = nn.Dense(cfg.final_dim, dtype=dtype, param_dtype=jnp.float32, dot_general=matmul.dot_general,
-                              kernel_init=_torch_linear_init, name="project_q")(q["quantized"])
-    out["context"] = nn.Dense(cfg.final_dim, dtype=dtype, param_dtype=jnp.float32, dot_general=matmul.dot_general,
-                              kernel_init=_torch_linear_init, name="final_proj")(out["last_hidden_state"])
+    out["targets"] = matmul.dense(cfg.final_dim, dtype, _torch_linear_init, "project_q")(q["quantized"])
+    out["context"] = matmul.dense(cfg.final_dim, dtype, _torch_linear_init, "final_proj")(out["last_hidden_state"])
     out["codes"] = q["codes"]
     for key in ("prob_perplexity", "code_perplexity", "prob_sums", "code_counts", "weight_sum"):
       out[key] = q[key]
@@ -164,8 +161,7 @@ class Wav2Vec2ForCTC(nn.Module):
         audio, padding_mask, mask_time=mask_time, mask_channel=mask_channel, draw_masks=not deterministic,
         deterministic=deterministic, output_hidden_states=output_hidden_states)
     x = nn.Dropout(cfg.final_dropout)(out["last_hidden_state"], deterministic=deterministic)
-    logits = nn.Dense(cfg.vocab_size, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-                      dot_general=matmul.dot_general, kernel_init=_torch_linear_init, name="proj")(x)
+    logits = matmul.dense(cfg.vocab_size, jnp.dtype(cfg.dtype), _torch_linear_init, "proj")(x)
     out["logits"] = logits.astype(jnp.float32)
     return out
 
