@@ -3,6 +3,7 @@
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -144,3 +145,67 @@ def test_float32_and_other_strides_keep_xla_convolutions():
                    (x, jnp.zeros((2, 8, 8), BF16), 1)):                  # stride 1
     traced = str(jax.make_jaxpr(lambda x, w, s=s: conv.strided_conv(x, w, s))(xs, w))
     assert "conv_general_dilated" in traced and "custom_vjp" not in traced
+
+
+@pytest.mark.parametrize("k,s", [(3, 2), (2, 2), (2, 1), (10, 5)])
+def test_bf16_conv_with_a_float32_result_is_not_rounded(k, s):
+  """strided_conv(bf16, bf16, out_dtype=float32) on CPU: the bf16 values' products summed in float32 and
+  left unrounded (folded matmuls for k=2..2s, XLA's float32 convolution otherwise)."""
+  rng = np.random.default_rng(k * 10 + s)
+  x = jnp.asarray(rng.standard_normal((2, 101, 16)), BF16)
+  w = jnp.asarray(rng.standard_normal((k, 16, 24)) * 0.3, BF16)
+  y, vjp = jax.vjp(jax.jit(lambda x, w: conv.strided_conv(x, w, s, jnp.float32)), x, w)
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  ref_y = jax.lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (s,), "VALID",
+                                       dimension_numbers=("NWC", "WIO", "NWC"), precision="highest")
+  assert y.dtype == jnp.float32 and y.shape == ref_y.shape
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-5, atol=1e-5)
+  # A bf16 result is that sum rounded once: it differs, by at most half a bf16 unit.
+  rounded = np.asarray(conv.strided_conv(x, w, s).astype(jnp.float32))
+  assert not np.array_equal(rounded, np.asarray(y))
+  assert np.all(np.abs(rounded - np.asarray(ref_y)) <= 2.0 ** -8 * np.abs(np.asarray(ref_y)) + 1e-5)
+  dx, dw = vjp(dy)
+  assert dx.dtype == x.dtype and dw.dtype == w.dtype and dx.shape == x.shape and dw.shape == w.shape
+
+
+def _elementwise_dtypes(platform=None):
+  """The dtypes of every erf / erfc (the exact GELU) and of the operands of every batched dot (the attention core's two
+  einsums) in the tiny bf16 encoder's forward pass, traced on CPU or as for `platform`; and the dtype of
+  its output."""
+  cfg = preset("tiny").replace(task="encoder", dtype="bfloat16")
+  module = models.build(cfg)
+  audio = jnp.zeros((2, 8000), jnp.float32)
+  params = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), audio))["params"]
+  def trace():    # a new function each call: traces are cached per function, not per platform
+    return jax.make_jaxpr(lambda p, a: module.apply({"params": p}, a)["last_hidden_state"])(params, audio)
+  if platform is None:
+    jaxpr = trace()
+  else:
+    with backend.compiling_for(platform):
+      jaxpr = trace()
+  found = {"erf": set(), "batched_dot": set()}
+  def walk(jp):
+    for eqn in jp.eqns:
+      if eqn.primitive.name in ("erf", "erfc"):
+        found["erf"].add(str(eqn.outvars[0].aval.dtype))
+      if eqn.primitive.name == "dot_general" and eqn.params["dimension_numbers"][1][0]:
+        found["batched_dot"].update(str(v.aval.dtype) for v in eqn.invars)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jaxpr.jaxpr)
+  return found, str(jaxpr.out_avals[0].dtype)
+
+
+def test_bf16_model_keeps_elementwise_work_in_float32_on_cpu_only():
+  """XLA:CPU emulates bf16 arithmetic op by op: on CPU a bf16 model's GELUs (conv encoder, positional
+  conv, feed-forward) and attention core run in float32 (backend.elementwise_dtype); traced for a TPU
+  they are bf16. The model's output is bf16 either way."""
+  cpu, cpu_out = _elementwise_dtypes()
+  tpu, tpu_out = _elementwise_dtypes("tpu")
+  assert cpu_out == tpu_out == "bfloat16"
+  assert cpu["erf"] == {"float32"} and cpu["batched_dot"] == {"float32"}, cpu
+  assert tpu["erf"] == {"bfloat16"} and tpu["batched_dot"] == {"bfloat16"}, tpu
+  assert backend.elementwise_dtype(jnp.float32) == jnp.float32
+  with backend.compiling_for("tpu"):
+    assert backend.elementwise_dtype(BF16) == BF16
+  assert backend.elementwise_dtype(BF16) == jnp.float32

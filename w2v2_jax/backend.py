@@ -12,6 +12,7 @@ import threading
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 
 _TARGET = threading.local()
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -33,3 +34,16 @@ def compiling_for(platform: str) -> Iterator[None]:
     yield
   finally:
     _TARGET.platform = previous
+
+
+def elementwise_dtype(dtype):
+  """The dtype for a model's elementwise work (norms, activations) when its matmuls run in `dtype`.
+
+  On CPU a bfloat16 model keeps these in float32: XLA:CPU has no bf16 arithmetic and emulates each bf16
+  elementwise op as float32 plus a rounding, which made the conv encoder's GELU and GroupNorm backward
+  the largest ops of a bf16 training step. Elsewhere (TPU, GPU) it is `dtype`.
+  """
+  if target() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16:
+    return jnp.float32
+  return dtype
+

@@ -27,16 +27,25 @@ def _on_cpu() -> bool:
   return backend.target() == "cpu"
 
 
-def strided_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
-  """VALID 1-D convolution. x (B, L, C_in), kernel (k, C_in, C_out) -> (B, (L - k) // s + 1, C_out)."""
+def strided_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, out_dtype=None) -> jnp.ndarray:
+  """VALID 1-D convolution. x (B, L, C_in), kernel (k, C_in, C_out) -> (B, (L - k) // s + 1, C_out).
+
+  The result is in `out_dtype` (default: x's dtype). A float32 result of bf16 operands is their
+  products accumulated in float32 and not rounded (on CPU only; elsewhere it is the bf16 result).
+  """
   k = kernel.shape[0]
-  if (_on_cpu() and x.dtype == kernel.dtype == jnp.bfloat16 and 2 <= stride <= k <= 2 * stride
-      and x.shape[1] >= k):
-    return _folded_conv(x, kernel, stride)
-  return jax.lax.conv_general_dilated(x, kernel, (stride,), "VALID", dimension_numbers=_DIMS)
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  bf16 = x.dtype == kernel.dtype == jnp.bfloat16
+  if _on_cpu() and bf16 and 2 <= stride <= k <= 2 * stride and x.shape[1] >= k:
+    return _folded_conv(x, kernel, stride, out_dtype)
+  if _on_cpu() and bf16 and out_dtype == jnp.float32:
+    # XLA:CPU computes a bf16 convolution as this one anyway (float32 products of the bf16 values).
+    x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
+  y = jax.lax.conv_general_dilated(x, kernel, (stride,), "VALID", dimension_numbers=_DIMS)
+  return y.astype(out_dtype)
 
 
-def _folded_conv(x, kernel, stride):
+def _folded_conv(x, kernel, stride, out_dtype):
   """The same convolution for stride <= k <= 2 * stride as matmuls: with frames folded in blocks of
   `stride` samples, output t = block t @ kernel[:stride] + (the first k - stride samples of block t + 1)
   @ kernel[stride:]."""
@@ -49,7 +58,7 @@ def _folded_conv(x, kernel, stride):
   y = bf16_matmul(folded[:, :t], kernel[:s].reshape(s * c, -1), jnp.float32)
   if k > s:
     y = y + bf16_matmul(folded[:, 1:t + 1, :(k - s) * c], kernel[s:].reshape((k - s) * c, -1), jnp.float32)
-  return y.astype(x.dtype)             # the two partial sums added in float32, rounded once
+  return y.astype(out_dtype)           # the two partial sums added in float32, rounded once if bf16
 
 
 def grouped_conv(x: jnp.ndarray, kernel: jnp.ndarray, groups: int, padding: int) -> jnp.ndarray:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from w2v2_jax import backend
 from w2v2_jax.models.conv import strided_conv
 
 
@@ -53,6 +54,7 @@ class Conv1D(nn.Module):
     kernel = self.param("kernel", nn.initializers.kaiming_normal(), (k, c_in, self.features), jnp.float32)
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
+    out_dtype = backend.elementwise_dtype(self.dtype)
     if c_in == 1 and k % s == 0 and s > 1:
       frames = x.shape[1] // s
       x = x[:, :frames * s, 0].reshape(x.shape[0], frames, s)
@@ -60,9 +62,9 @@ class Conv1D(nn.Module):
       stride = 1
     else:
       stride = s
-    y = strided_conv(x, kernel, stride)
+    y = strided_conv(x, kernel, stride, out_dtype)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(out_dtype)
     return y
 
 
@@ -83,15 +85,16 @@ class FeatureEncoder(nn.Module):
   def __call__(self, audio: jnp.ndarray) -> jnp.ndarray:
     """audio (B, L) float -> features (B, T, C_last)."""
     x = audio[..., None]
+    act_dtype = backend.elementwise_dtype(self.dtype)
     for i, (dim, k, s) in enumerate(self.conv_layers):
       x = Conv1D(dim, k, s, self.conv_bias, self.dtype, name=f"conv_{i}")(x)
       if self.extractor_mode == "layer_norm":
-        x = nn.LayerNorm(epsilon=self.eps, use_fast_variance=False, dtype=self.dtype, name=f"norm_{i}")(x)
+        x = nn.LayerNorm(epsilon=self.eps, use_fast_variance=False, dtype=act_dtype, name=f"norm_{i}")(x)
       elif i == 0:
-        x = nn.GroupNorm(num_groups=dim, epsilon=self.eps, use_fast_variance=False, dtype=self.dtype,
+        x = nn.GroupNorm(num_groups=dim, epsilon=self.eps, use_fast_variance=False, dtype=act_dtype,
                          name="norm_0")(x)
       x = gelu(x)
-    return x
+    return x.astype(self.dtype)
 
 
 def receptive_field(conv_layers: Sequence[Tuple[int, int, int]]) -> int:

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from w2v2_jax import backend
 from w2v2_jax.models import matmul
 from w2v2_jax.models.conv import grouped_conv
 from w2v2_jax.models.feature_encoder import gelu
@@ -49,11 +50,14 @@ class PositionalConv(nn.Module):
     norm = jnp.sqrt(jnp.sum(v * v, axis=(1, 2), keepdims=True))
     kernel = (g[:, None, None] * v / norm).astype(self.dtype)
     pad = k // 2
-    y = grouped_conv(x.astype(self.dtype), kernel, self.groups, pad)
-    y = y + bias.astype(self.dtype)
+    # A bf16 model on CPU convolves the bf16 values in float32 (what XLA:CPU does for a bf16 convolution
+    # anyway) and keeps the result unrounded for the GELU (backend.elementwise_dtype).
+    act = backend.elementwise_dtype(self.dtype)
+    y = grouped_conv(x.astype(self.dtype).astype(act), kernel.astype(act), self.groups, pad)
+    y = y + bias.astype(act)
     if k % 2 == 0:
       y = y[:, :-1]
-    return gelu(y)
+    return gelu(y).astype(self.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -70,16 +74,19 @@ class SelfAttention(nn.Module):
     hd = d // h
     def heads(y):
       return y.reshape(b, t, h, hd)
-    q = heads(_dense(d, self.dtype, "q_proj")(x)) * (hd ** -0.5)
-    k = heads(_dense(d, self.dtype, "k_proj")(x))
-    v = heads(_dense(d, self.dtype, "v_proj")(x))
+    # The attention core's dtype: the model's, except float32 for a bf16 model on CPU (see
+    # backend.elementwise_dtype; XLA:CPU computes these batched dots in float32 either way).
+    core = backend.elementwise_dtype(self.dtype)
+    q = heads(_dense(d, self.dtype, "q_proj")(x)).astype(core) * (hd ** -0.5)
+    k = heads(_dense(d, self.dtype, "k_proj")(x)).astype(core)
+    v = heads(_dense(d, self.dtype, "v_proj")(x)).astype(core)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
     if padding_mask is not None:
       scores = jnp.where(padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, scores)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic).astype(self.dtype)
+    probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic).astype(core)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
-    return _dense(d, self.dtype, "out_proj")(out)
+    return _dense(d, self.dtype, "out_proj")(out.astype(self.dtype))
 
 
 class EncoderLayer(nn.Module):
@@ -105,7 +112,7 @@ class EncoderLayer(nn.Module):
     drop = lambda y, p: nn.Dropout(p)(y, deterministic=deterministic)
 
     def ffn(y):
-      y = drop(gelu(fc1(y)), self.activation_dropout)
+      y = drop(gelu(fc1(y).astype(backend.elementwise_dtype(self.dtype))), self.activation_dropout)
       return drop(fc2(y), self.dropout)
 
     if self.layer_norm_first:
