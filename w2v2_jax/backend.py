@@ -46,4 +46,3 @@ def elementwise_dtype(dtype):
   if target() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16:
     return jnp.float32
   return dtype
-
