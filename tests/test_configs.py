@@ -63,6 +63,8 @@ def test_finetune_configs(arg):
   if arg == "small_1h":
     assert (model.mask_prob, model.mask_channel_prob, c.train.steps, c.train.freeze_updates) == (0.1, 0.0, 3000, 200)
     assert c.train.best_metric == "cer"
+  # The demo's configs: lr 2e-3 with a fresh top half; everything else re-initialises nothing.
+  assert (c.optim.lr, c.reinit_layers) == ((2e-3, 2) if arg in ("small_1h", "small_10m") else (c.optim.lr, 0))
 
 
 def test_unknown_config_names_are_rejected():

@@ -6,6 +6,7 @@ them) on corpora of a few dozen utterances.
 from __future__ import annotations
 
 import collections
+from dataclasses import replace as dataclasses_replace
 import hashlib
 import json
 import os
@@ -278,12 +279,65 @@ def test_plan_errors(texts):
   assert {u.engine for u in tiny_plan(texts, engines=("flite",))} == {"flite"}
 
 
+
+def test_voice_shift_changes_only_train_voices(texts):
+  plain, shifted = tiny_plan(texts, hours=0.3), tiny_plan(texts, hours=0.3, voice_shift=0.5)
+  assert len(plain) == len(shifted)
+  moved = []
+  for a, b in zip(plain, shifted):
+    assert a.formant == 1.0
+    if b.formant == 1.0:
+      assert a == b
+      continue
+    moved.append(b)
+    assert b.split == "train" and synthesize.VOICE_SHIFT_RANGE[0] <= b.formant <= synthesize.VOICE_SHIFT_RANGE[1]
+    # every other field as in the unshifted plan; the pitch moves twice as far as the formants (in cents)
+    assert b.cents - a.cents == round(2 * 1200 * np.log2(b.formant))
+    assert dataclasses_replace(b, formant=1.0, cents=a.cents) == a
+  train = [u for u in shifted if u.split == "train"]
+  assert 0.35 < len(moved) / len(train) < 0.65
+  everyone = [u.formant for u in tiny_plan(texts, hours=0.3, voice_shift=1.0) if u.split == "train"]
+  assert sum(f == 1.0 for f in everyone) < 0.01 * len(everyone)    # only a factor drawn as 1.000
+  with pytest.raises(ValueError, match="voice_shift"):
+    tiny_plan(texts, voice_shift=1.5)
+
+
+def median_f0(wave, rate=16000):
+  """Median autocorrelation pitch (Hz) of the clearly voiced 40 ms frames of `wave`."""
+  size, lags = int(0.04 * rate), np.arange(rate // 400, rate // 60)
+  f0 = []
+  for start in range(0, len(wave) - size, size // 2):
+    frame = wave[start:start + size] - wave[start:start + size].mean()
+    energy = float(frame @ frame)
+    if energy < 1e-4 * size:
+      continue
+    corr = np.array([frame[:-lag] @ frame[lag:] for lag in lags]) / energy
+    if corr.max() > 0.6:
+      f0.append(rate / lags[corr.argmax()])
+  return float(np.median(f0))
+
+
+def test_shifted_voice_is_higher_and_as_long(texts, tmp_path):
+  """A male flite voice scaled by f = 1.2: its pitch rises by about f**3, its duration stays."""
+  utt = next(u for u in tiny_plan(texts, hours=0.3) if u.engine == "flite" and u.split == "train")
+  utt = dataclasses_replace(utt, voice="kal16", cents=0, tempo=1.0)
+  up = dataclasses_replace(utt, id=utt.id + "-up", formant=1.2, cents=round(2 * 1200 * np.log2(1.2)))
+  waves = {}
+  for u in (utt, up):
+    synthesize.render(u, str(tmp_path))
+    waves[u.formant], rate = sf.read(str(tmp_path / u.path))
+  assert abs(len(waves[1.2]) / len(waves[1.0]) - 1) < 0.05
+  ratio = median_f0(waves[1.2], rate) / median_f0(waves[1.0], rate)
+  assert 1.2 ** 3 * 0.85 < ratio < 1.2 ** 3 * 1.15, ratio
+
 # -- make_corpus ----------------------------------------------------------------------------------
 
 def test_make_corpus_files_and_manifests(corpus):
   out, summary = corpus
   assert summary["failed"] == {} and summary["seed"] == SEED and summary["engines"] == list(ENGINES)
   plan = read_plan(out)
+  # Without voice shifts the plan's entries are those written before the option existed (no re-render).
+  assert summary["voice_shift"] == 0.0 and not [e for e in plan.values() if "formant" in e]
   manifests = {name: read_manifest(os.path.join(out, f"{name}.tsv")) for name in MANIFESTS}
   on_disk = set()
   for dirpath, dirnames, names in os.walk(out):

@@ -40,7 +40,7 @@ def test_top_layers_come_from_the_fresh_init_and_the_rest_from_the_pretrained(sc
 def test_reinit_without_a_pretrained_model_is_refused(tmp_path):
   cfg = configs.get("finetune", "tiny")
   cfg.reinit_layers = 1
-  with pytest.raises(ValueError, match="reinit_layers needs config.init"):
+  with pytest.raises(ValueError, match="reinit_layers=1 needs config.init"):
     loop.finetune(cfg, str(tmp_path / "run"))
 
 

@@ -142,6 +142,8 @@ def _define_make_corpus(fv: flags.FlagValues, _: List[str]) -> None:
   flags.DEFINE_list("engines", ["espeak-ng", "flite", "festival"], "TTS engines", flag_values=fv)
   flags.DEFINE_string("text", None, "Text file (one paragraph per line) instead of the KJV Bible", flag_values=fv)
   flags.DEFINE_integer("workers", None, "Parallel renders (default: the CPU count)", flag_values=fv)
+  flags.DEFINE_float("voice_shift", 0.0, "Share of train utterances given a new speaker by a vocal tract and pitch "
+                     "shift (valid and test never)", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)
 
 
@@ -152,7 +154,7 @@ def _run_make_corpus(fv: flags.FlagValues, _: List[str]) -> dict:
     summary = synthesize.make_corpus(
         fv.out, fv.hours, eval_minutes=fv.eval_minutes, labeled_minutes=fv.labeled_minutes, seed=fv.seed,
         engines=[e.strip() for e in fv.engines if e.strip()], text_file=fv.text, workers=fv.workers,
-        progress=ProgressBar("synthesising"))
+        voice_shift=fv.voice_shift, progress=ProgressBar("synthesising"))
   except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:  # ValueError: bad --engines/--hours
     sys.exit(f"w2v2 make-corpus: {e}")
   for name, split in summary["splits"].items():

@@ -182,8 +182,9 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
 
   From random initialisation there is no freeze and the conv encoder trains (feature_grad_mult 1 where
   the recipe freezes it): frozen random weights gain nothing, so these departures only help the
-  baseline. probe: only the output layer trains, on frozen features (no masks, no dropout, lr PROBE_LR),
-  for the same number of updates: a linear CTC probe of what the backbone's last layer encodes.
+  baseline (and nothing is re-initialised: reinit_layers 0). probe: only the output layer trains, on
+  the whole pretrained model's frozen features (no re-initialised layers, no masks, no dropout, lr
+  PROBE_LR), for the same number of updates: a linear CTC probe of what the backbone's last layer encodes.
   Returns {"dir", "summary"}; the model of the lowest valid CER is exported to workdir/export.
   """
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
@@ -195,7 +196,9 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
   cfg.train.freeze_updates = min(cfg.train.freeze_updates, cfg.train.steps // 2) if init else 0
   if not init:
     cfg.model.feature_grad_mult = 1.0      # a random conv encoder must train: no frozen random features
+    cfg.reinit_layers = 0                  # every layer is random already
   if probe:
+    cfg.reinit_layers = 0                  # the probe reads the whole pretrained model's last layer
     cfg.train.freeze_updates = cfg.train.steps
     cfg.model.mask_prob = cfg.model.mask_channel_prob = cfg.model.feature_grad_mult = 0.0
     cfg.model.activation_dropout = 0.0     # the probe reads the features as they are

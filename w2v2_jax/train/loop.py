@@ -283,7 +283,8 @@ def finetune(config: Any, workdir: str, *, max_steps: Optional[int] = None) -> D
     raise ValueError(f"config.train.best_metric must be 'wer' or 'cer', got {metric!r}")
   reinit = int(config.get("reinit_layers", 0))
   if reinit and not config.init:
-    raise ValueError("config.reinit_layers needs config.init (a pretrained model)")
+    raise ValueError(f"config.reinit_layers={reinit} needs config.init (a pretrained model); from random "
+                     "initialisation set --config.reinit_layers=0")
   parallel.initialize_distributed()
   vocab = load_vocabulary(config.data.vocab)
   model_cfg, backbone = finetune_model_config(config, len(vocab))
