@@ -52,7 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/pretrain_step.py
 
 # make demo [SCALE=0.3] [HOURS=1] [SEED=0] [COMPARE=1]: SCALE multiplies the training updates (1: about
-# 36 min on 2 cores); COMPARE=1 adds the baselines (random initialisation, 10 labeled minutes, probes).
+# 33 min on 2 cores); COMPARE=1 adds the baselines (random initialisation, 10 labeled minutes, probes).
 SCALE ?= 1
 HOURS ?= 1
 SEED ?= 0

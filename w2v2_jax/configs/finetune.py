@@ -17,7 +17,7 @@ examples/wav2vec/config/finetuning; "large" = the LV-60k model). Batch: 1600 s o
 BASE 960 h 3.4 / 8.5; with the Transformer LM LARGE LV-60k reaches 4.8/8.2 (10 min) .. 1.8/3.3 (960 h).
 small_1h: the demo (`make demo`): the small pretraining model fine-tuned on the whole labeled hour of
   the synthetic corpus (`w2v2 make-corpus`; `train_60m`), validated on unseen voices; 3000 updates,
-  about 23 minutes on 2 CPU cores; the model of the lowest valid CER is exported. Departs from the
+  about 20 minutes on 2 CPU cores; the model of the lowest valid CER is exported. Departs from the
   recipe where a 2.2M-parameter model pretrained for 11 minutes needs it: the conv encoder is
   fine-tuned too (feature_grad_mult=1; its 128 channels learned from one hour are the weakest part of
   the model), and time masks are light (p=0.1, no channel masks: with an hour of labels the model does
