@@ -6,7 +6,7 @@ them) on corpora of a few dozen utterances.
 from __future__ import annotations
 
 import collections
-from dataclasses import replace as dataclasses_replace
+import dataclasses
 import hashlib
 import json
 import os
@@ -279,7 +279,6 @@ def test_plan_errors(texts):
   assert {u.engine for u in tiny_plan(texts, engines=("flite",))} == {"flite"}
 
 
-
 def test_voice_shift_changes_only_train_voices(texts):
   plain, shifted = tiny_plan(texts, hours=0.3), tiny_plan(texts, hours=0.3, voice_shift=0.5)
   assert len(plain) == len(shifted)
@@ -293,7 +292,7 @@ def test_voice_shift_changes_only_train_voices(texts):
     assert b.split == "train" and synthesize.VOICE_SHIFT_RANGE[0] <= b.formant <= synthesize.VOICE_SHIFT_RANGE[1]
     # every other field as in the unshifted plan; the pitch moves twice as far as the formants (in cents)
     assert b.cents - a.cents == round(2 * 1200 * np.log2(b.formant))
-    assert dataclasses_replace(b, formant=1.0, cents=a.cents) == a
+    assert dataclasses.replace(b, formant=1.0, cents=a.cents) == a
   train = [u for u in shifted if u.split == "train"]
   assert 0.35 < len(moved) / len(train) < 0.65
   everyone = [u.formant for u in tiny_plan(texts, hours=0.3, voice_shift=1.0) if u.split == "train"]
@@ -320,8 +319,8 @@ def median_f0(wave, rate=16000):
 def test_shifted_voice_is_higher_and_as_long(texts, tmp_path):
   """A male flite voice scaled by f = 1.2: its pitch rises by about f**3, its duration stays."""
   utt = next(u for u in tiny_plan(texts, hours=0.3) if u.engine == "flite" and u.split == "train")
-  utt = dataclasses_replace(utt, voice="kal16", cents=0, tempo=1.0)
-  up = dataclasses_replace(utt, id=utt.id + "-up", formant=1.2, cents=round(2 * 1200 * np.log2(1.2)))
+  utt = dataclasses.replace(utt, voice="kal16", cents=0, tempo=1.0)
+  up = dataclasses.replace(utt, id=utt.id + "-up", formant=1.2, cents=round(2 * 1200 * np.log2(1.2)))
   waves = {}
   for u in (utt, up):
     synthesize.render(u, str(tmp_path))
@@ -329,6 +328,7 @@ def test_shifted_voice_is_higher_and_as_long(texts, tmp_path):
   assert abs(len(waves[1.2]) / len(waves[1.0]) - 1) < 0.05
   ratio = median_f0(waves[1.2], rate) / median_f0(waves[1.0], rate)
   assert 1.2 ** 3 * 0.85 < ratio < 1.2 ** 3 * 1.15, ratio
+
 
 # -- make_corpus ----------------------------------------------------------------------------------
 
