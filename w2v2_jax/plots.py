@@ -337,7 +337,7 @@ def finetune_figure(workdir: str, out_png: str, *, size_px: Tuple[int, int] = (1
     ax_loss.set_yscale("log")
   frozen = [s for s, v in zip(*_series(records, "frozen")) if v > 0]
   if frozen:
-    ax_loss.axvspan(0, max(frozen), color="gray", alpha=0.15, label="encoder frozen")
+    ax_loss.axvspan(0, max(frozen), color="gray", alpha=0.15, label="pretrained layers frozen")
   _finish(ax_loss, "(a) training loss", "CTC loss (nats per utterance)", drawn)
 
   drawn = _plot(ax_err, valid, "cer", "CER", color="C0", marker="o")
