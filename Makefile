@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 
 # The offline TTS corpus (w2v2 make-corpus) needs these Debian packages; `corpus-deps` installs them.
-TTS_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox bible-kjv
+# The festvox voices of other languages speak the corpus's unlabeled split (pretraining only).
+TTS_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox bible-kjv \
+  festvox-ca-ona-hts festvox-czech-dita festvox-czech-machac festvox-suopuhe-lj festvox-suopuhe-mv \
+  festvox-italp16k festvox-itapc16k
+FESTIVAL_VOICES := /usr/share/festival/voices
+TTS_VOICE_DIRS := $(addprefix $(FESTIVAL_VOICES)/,us/cmu_us_slt_arctic_hts catalan/upc_ca_ona_hts czech/czech_dita \
+  czech/czech_machac finnish/suo_fi_lj_diphone finnish/hy_fi_mv_diphone italian/lp_diphone italian/pc_diphone)
 
 .PHONY: install corpus-deps test-deps test demo bench clean
 
@@ -23,11 +29,12 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# apt_install PROGRAMS PACKAGES WHY: install the Debian packages when a program is missing (root or sudo -n).
+# apt_install PROGRAMS PACKAGES WHY [PATHS]: install the Debian packages when a program or path is missing
+# (root or sudo -n).
 define apt_install
 	@missing=""; \
 	for prog in $(1); do command -v $$prog >/dev/null || missing="$$missing $$prog"; done; \
-	$(if $(4),[ -e $(4) ] || missing="$$missing $(4)";) \
+	for path in $(4); do [ -e $$path ] || missing="$$missing $$path"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "$(3): missing$$missing; installing $(2) with apt-get"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
@@ -39,7 +46,7 @@ define apt_install
 endef
 
 corpus-deps:
-	$(call apt_install,espeak-ng flite text2wave sox bible,$(TTS_PACKAGES),corpus-deps,/usr/share/festival/voices/us/cmu_us_slt_arctic_hts)
+	$(call apt_install,espeak-ng flite text2wave sox bible,$(TTS_PACKAGES),corpus-deps,$(TTS_VOICE_DIRS))
 
 # The tests run the audio fallback decoder (librosa -> audioread -> ffmpeg) for real, as on Colab.
 test-deps:
@@ -51,15 +58,17 @@ test: $(STAMP) corpus-deps test-deps
 bench: $(STAMP)
 	$(PY) benchmarks/pretrain_step.py
 
-# make demo [SCALE=0.3] [HOURS=1] [SEED=0] [COMPARE=1]: SCALE multiplies the training updates (1: about
-# 33 min on 2 cores); COMPARE=1 adds the baselines (random initialisation, 10 labeled minutes, probes).
+# make demo [SCALE=0.3] [HOURS=1] [UNLABELED=1] [SEED=0] [COMPARE=1]: SCALE multiplies the training updates
+# (1: about 33 min on 2 cores); UNLABELED: hours of audio only pretraining hears (default: HOURS); COMPARE=1
+# adds the baselines (random initialisation, 10 labeled minutes, probes).
 SCALE ?= 1
 HOURS ?= 1
+UNLABELED ?=
 SEED ?= 0
 COMPARE ?=
 demo: $(STAMP) corpus-deps
 	$(VENV)/bin/w2v2 demo --out=runs/demo --corpus=data/tts_corpus --hours=$(HOURS) --scale=$(SCALE) --seed=$(SEED) \
-	  $(if $(COMPARE),--compare)
+	  $(if $(UNLABELED),--unlabeled_hours=$(UNLABELED)) $(if $(COMPARE),--compare)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

