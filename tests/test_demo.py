@@ -126,7 +126,8 @@ def test_demo_report(demo_run):
   assert any(line.startswith("== 2/5 pretraining: 30 updates") and "(train + unlabeled)" in line for line in lines)
   # Pretraining also hears the unlabeled split (as much as --hours by default); fine-tuning never does.
   corpus = root / "corpus"
-  train, unlabeled, pretrain = ((corpus / f"{s}.tsv").read_text().splitlines() for s in ("train", "unlabeled", "pretrain"))
+  train, unlabeled, pretrain = ((corpus / f"{s}.tsv").read_text().splitlines()
+                                for s in ("train", "unlabeled", "pretrain"))
   assert report["corpus"]["unlabeled"]["utterances"] == len(unlabeled) - 1 > 0
   assert pretrain == train + unlabeled[1:]
   assert "unlabeled" in md and "pretraining only" in md

@@ -361,7 +361,8 @@ def _run_demo(fv: flags.FlagValues, _: List[str]) -> dict:
   try:
     return demo.run(fv.out, fv.corpus, hours=fv.hours, scale=fv.scale, seed=fv.seed, eval_minutes=fv.eval_minutes,
                     labeled_minutes=fv.labeled_minutes, finetune_config=fv.finetune_config, compare=fv.compare,
-                    low_minutes=fv.low_minutes, low_config=fv.low_config, unlabeled_hours=fv.unlabeled_hours, say=lambda line: print(line, flush=True))
+                    low_minutes=fv.low_minutes, low_config=fv.low_config, unlabeled_hours=fv.unlabeled_hours,
+                    say=lambda line: print(line, flush=True))
   except (voices.EngineUnavailable, sentences.TextUnavailable, ValueError) as e:
     sys.exit(f"w2v2 demo: {e}")
 

@@ -52,7 +52,8 @@ def _stage(name: str, say: Callable[[str], None]):
 def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hours: float = 1.0, scale: float = 1.0,
         seed: int = 0, eval_minutes: float = 5.0, labeled_minutes: float = 60.0,
         finetune_config: str = "small_1h", compare: bool = False, low_minutes: float = 10.0,
-        low_config: str = "small_10m", unlabeled_hours: Optional[float] = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+        low_config: str = "small_10m", unlabeled_hours: Optional[float] = None,
+        say: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or resumes) the demo; returns the report (also written to out_dir/report.json).
 
   hours / eval_minutes / labeled_minutes: the corpus (`make_corpus`); the labeled split train_<M>m is

@@ -29,7 +29,6 @@ ESPEAK_VARIANTS = {
 }
 FLITE_VOICES = {"train": ("kal", "kal16", "awb"), "valid": ("rms",), "test": ("slt",)}
 FESTIVAL_VOICES = {"train": ("kal_diphone", "ked_diphone"), "valid": (), "test": ("cmu_us_slt_arctic_hts",)}
-# Share of utterances per engine (renormalised over the engines a split has).
 # Festival voice -> the Debian package that holds it (voices of other languages: the unlabeled split).
 UNLABELED_VOICES = {
     "upc_ca_ona_hts": "festvox-ca-ona-hts",        # Catalan, female (HTS, as the test voice slt)
@@ -41,6 +40,7 @@ UNLABELED_VOICES = {
     "hy_fi_mv_diphone": "festvox-suopuhe-mv",      # Finnish, male
 }
 FESTIVAL_VOICE_DIRS = ("/usr/share/festival/voices", "/usr/lib/festival/voices")
+# Share of utterances per engine (renormalised over the engines a split has).
 ENGINE_WEIGHTS = {"espeak-ng": 0.7, "flite": 0.2, "festival": 0.1}
 ENGINE_PROGRAMS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave"}
 SPLITS = ("train", "valid", "test")
