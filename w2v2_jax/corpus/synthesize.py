@@ -101,22 +101,24 @@ def plan(sentences: Sequence[str], *, hours: float, eval_minutes: float, seed: i
     raise ValueError(f"unlabeled_hours must be >= 0, got {unlabeled_hours}")
   order = np.random.default_rng(seed).permutation(len(sentences))
   voice_table = voices_lib.inventory(engines)
+  splits = ("test", "valid", "train")
   if unlabeled_hours > 0:
     voice_table["unlabeled"] = voices_lib.unlabeled_voices()
+    splits += ("unlabeled",)
   targets = {"test": eval_minutes * 60, "valid": eval_minutes * 60, "train": hours * 3600,
              "unlabeled": unlabeled_hours * 3600}
   streams = dict(zip(voices_lib.SPLITS, np.random.SeedSequence(seed).spawn(3)))
   streams["unlabeled"] = np.random.SeedSequence([seed, 2])
   shift_rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
   out, cursor = [], 0
-  for split in ("test", "valid", "train", "unlabeled"):
+  for split in splits:
     rng = np.random.default_rng(streams[split])
     by_engine = collections.defaultdict(list)
-    for v in voice_table.get(split, ()):
+    for v in voice_table[split]:
       by_engine[v.engine].append(v)
     split_engines = sorted(by_engine)
     weights = np.array([voices_lib.ENGINE_WEIGHTS[e] for e in split_engines])
-    weights = weights / weights.sum() if split_engines else weights
+    weights = weights / weights.sum()
     total, index = 0.0, 0
     while total < targets[split]:
       if cursor >= len(order):
