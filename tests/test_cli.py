@@ -45,6 +45,8 @@ def test_packaged_configs_by_name_and_own_files_by_path(tmp_path, monkeypatch):
   (tmp_path / "model").write_text("")          # a file of that name in the working directory wins
   assert configs.resolve("model:base") == "model:base"
   assert configs.get("finetune", "small_1h").train.best_metric == "cer"
+  assert configs.get("finetune", "small_10m").train.best_metric == "cer"     # as the demo compares its arms
+  assert configs.get("finetune", "base_10m").train.best_metric == "wer"      # the paper's recipes: WER
   with pytest.raises(ValueError, match="unknown packaged config 'pretrian'"):
     configs.get("pretrian", "base")
 
