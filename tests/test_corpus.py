@@ -1,7 +1,7 @@
 """Tests of w2v2_jax.corpus: text normalisation, the voice split, the plan, rendering and `make-corpus`.
 
 They run the real TTS engines (espeak-ng, flite, festival, sox, bible; `make corpus-deps` installs
-them) on corpora of a few dozen utterances.
+them; SVOX Pico comes from the `ttspico` pip package) on corpora of a few dozen utterances.
 """
 from __future__ import annotations
 
@@ -19,16 +19,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from w2v2_jax.corpus import sentences, synthesize, voices
+from w2v2_jax.corpus import pico, sentences, synthesize, voices
 from w2v2_jax.data.manifest import read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINES = tuple(voices.ENGINE_WEIGHTS)
-TABLES = {"espeak-ng": voices.ESPEAK_VARIANTS, "flite": voices.FLITE_VOICES, "festival": voices.FESTIVAL_VOICES}
+TABLES = {"espeak-ng": voices.ESPEAK_VARIANTS, "flite": voices.FLITE_VOICES, "festival": voices.FESTIVAL_VOICES,
+          "pico": voices.PICO_VOICES}
 # A tiny corpus: ~25 utterances and a few unlabeled ones. Its plan for SEED has every engine in every split
 # that has its voices.
 TINY = dict(hours=0.01, eval_minutes=0.2, labeled_minutes=0.2, unlabeled_hours=0.004, workers=2)
-SEED, OTHER_SEED = 8, 16
+SEED, OTHER_SEED = 16, 22
 LABELED = "train_0.2m"
 MANIFESTS = ("train", "valid", "test", LABELED)
 
@@ -204,6 +205,27 @@ def test_every_voice_is_its_own_speaker(tmp_path):
   assert all(len(s) == 1 for s in splits_of.values())
 
 
+def test_pico_voices_speak_english_apart(tmp_path):
+  """Both Pico voices render through the command-line entry the corpus runs, at 16 kHz, about as long
+  as the other engines take for the same words, and differently from each other; bad input is named."""
+  durations, digests = {}, set()
+  for voice in (v for v in voices.inventory(ENGINES)["train"] if v.engine == "pico"):
+    wav = str(tmp_path / f"{voice.name}.wav")
+    argv, stdin = voices.command(voice, "AND GOD SAID LET THERE BE LIGHT", wav, accent="en", speed=170, pitch=50)
+    subprocess.run(argv, input=stdin, check=True, capture_output=True, text=True)
+    audio, rate = sf.read(wav)
+    assert rate == pico.SAMPLE_RATE == 16000 and np.abs(audio).max() > 0.05, voice
+    durations[voice.name] = len(audio) / rate
+    digests.add(hashlib.sha256(audio.tobytes()).hexdigest())
+  assert sorted(durations) == sorted(pico.VOICES) and len(digests) == 2
+  assert all(1.0 < d < 3.5 for d in durations.values()), durations        # 7 words: not silence, not a loop
+  cli = [sys.executable, "-m", "w2v2_jax.corpus.pico"]
+  bad = subprocess.run(cli + ["en-AU", str(tmp_path / "x.wav")], input="hello", capture_output=True, text=True)
+  assert bad.returncode == 1 and "unknown Pico voice 'en-AU'" in bad.stderr and "en-GB" in bad.stderr
+  empty = subprocess.run(cli + ["en-GB", str(tmp_path / "x.wav")], input=" \n", capture_output=True, text=True)
+  assert empty.returncode == 2 and "no text" in empty.stderr and not os.path.exists(tmp_path / "x.wav")
+
+
 def test_unlabeled_voices_speak_apart():
   """The unlabeled split's festival voices are installed (`make corpus-deps`), are none of the English
   voices, and each speaks the same text differently from the others."""
@@ -260,9 +282,11 @@ def test_available_engines(tmp_path, monkeypatch):
   assert voices.available_engines(("flite",)) == ("flite",)
   with pytest.raises(ValueError, match="nosuch"):
     voices.available_engines(("flite", "nosuch"))
-  # sox but no engine on PATH; then nothing at all.
+  # sox but no engine on PATH: Pico, a Python module, is all that is left; then without it, nothing.
   os.symlink(shutil.which("sox"), tmp_path / "sox")
   monkeypatch.setenv("PATH", str(tmp_path))
+  assert voices.available_engines() == ("pico",)
+  monkeypatch.setattr(pico, "installed", lambda: False)
   with pytest.raises(voices.EngineUnavailable, match="make corpus-deps"):
     voices.available_engines()
   os.remove(tmp_path / "sox")
@@ -467,6 +491,41 @@ def test_make_corpus_files_and_manifests(corpus):
   assert set(train.labels["wrd"]) <= set(lm_text)
   assert not set(lm_text) & set(manifests["valid"].labels["wrd"] + manifests["test"].labels["wrd"])
   assert len(lm_text) == len(set(lm_text)) > len(train)
+
+
+def test_error_rates_by_voice(corpus, tmp_path):
+  """Per-voice CER of a hypotheses file equals jiwer's CER over that voice's utterances alone; a line of
+  another corpus or a file that is not a hypotheses file is refused with its name."""
+  import jiwer
+  from w2v2_jax import scoring
+  from w2v2_jax.corpus import by_voice
+  out, _ = corpus
+  test = read_manifest(os.path.join(out, "test.tsv"), label_exts=("wrd",))
+  refs = test.labels["wrd"]
+  hyps = [r[: len(r) // 2].strip() + " X" if i % 2 else r.replace("E", "A") for i, r in enumerate(refs)]
+  ids = [test.path(i) for i in range(len(test))]
+  hyp_tsv = str(tmp_path / "hyp.tsv")
+  scoring.write_hypotheses(hyp_tsv, ids, refs, hyps)
+  plan = read_plan(out)
+  rows = by_voice.error_rates(hyp_tsv, out)
+  groups = collections.defaultdict(list)
+  for i, path in enumerate(ids):
+    entry = plan[os.path.splitext(os.path.basename(path))[0]]
+    groups[f"{entry['engine']}:{entry['voice']}"].append(i)
+  assert sorted(r["voice"] for r in rows) == sorted(groups) and len(groups) > 1
+  for r in rows:
+    members = groups[r["voice"]]
+    assert r["utterances"] == len(members)
+    assert r["cer"] == pytest.approx(jiwer.cer([refs[i] for i in members], [hyps[i] for i in members]), abs=1e-9)
+  assert [r["cer"] for r in rows] == sorted((r["cer"] for r in rows), reverse=True)
+  assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+  scoring.write_hypotheses(hyp_tsv, ids[:-1] + ["/elsewhere/other-000000.flac"], refs, hyps)
+  with pytest.raises(ValueError, match=r"hyp.tsv:%d: utterance 'other-000000' is not in" % (len(ids) + 1)):
+    by_voice.error_rates(hyp_tsv, out)
+  with pytest.raises(ValueError, match="not a hypotheses file"):
+    by_voice.error_rates(os.path.join(out, "test.tsv"), out)
+  with pytest.raises(FileNotFoundError, match="no plan.jsonl"):
+    by_voice.error_rates(hyp_tsv, str(tmp_path))
 
 
 def test_same_seed_same_bytes(corpus, tmp_path):

@@ -100,6 +100,15 @@ def test_demo_report(demo_run):
   assert 0.0 <= report["test"]["cer"] and report["test"]["utterances"] == report["corpus"]["test"]["utterances"]
   with open(report["test"]["hypotheses"]) as f:
     assert len(f.read().splitlines()) >= report["test"]["utterances"]
+  # Per voice: exactly the test voices, every utterance once, the letters' errors adding up to the CER.
+  rows = report["test"]["by_voice"]
+  corpus_json = json.loads((root / "corpus" / "corpus.json").read_text())
+  assert {r["voice"] for r in rows} == set(corpus_json["splits"]["test"]["voices"])
+  assert sum(r["utterances"] for r in rows) == report["test"]["utterances"]
+  assert sum(r["char_errors"] for r in rows) / sum(r["ref_chars"] for r in rows) == pytest.approx(
+      report["test"]["cer"], abs=1e-4)
+  assert sum(r["share"] for r in rows) == pytest.approx(1.0, abs=0.01)
+  assert any(line.startswith("pretrained: test CER by voice") for line in lines)
   assert isinstance(report["transcribe"]["hypothesis"], str) and report["transcribe"]["reference"]
   # Beam search with the 4-gram LM of the corpus text, weights chosen on valid (kenlm is a test dependency).
   lm_ = report["test_lm"]
@@ -150,6 +159,11 @@ def test_demo_compares_pretrained_with_random_initialisation(demo_run):
   assert 1 < len(low) < len(labeled) and labeled[:len(low)] == low
   assert cmp["pretrained_low"]["updates"] == 20 and cmp["probe"]["probe"] and not cmp["scratch"]["probe"]
   assert cmp["pretrained"]["test_cer"] == report["test"]["cer"]
+  for arm in ("scratch", "pretrained_low", "scratch_low", "probe", "probe_random"):
+    rows = cmp[arm]["test_by_voice"]
+    assert sum(r["char_errors"] for r in rows) / sum(r["ref_chars"] for r in rows) == pytest.approx(
+        cmp[arm]["test_cer"], abs=1e-4)
+  assert any(line.startswith("random init: test CER by voice") for line in lines)
   # No freeze from random initialisation; the probes never unfreeze.
   scratch = [json.loads(line) for line in (run / "finetune_scratch" / "metrics.jsonl").read_text().splitlines()]
   assert scratch and all(r["frozen"] == 0.0 for r in scratch)

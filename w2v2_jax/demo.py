@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable, Optional
 
 from w2v2_jax import configs as packaged, plots
-from w2v2_jax.corpus import synthesize
+from w2v2_jax.corpus import by_voice, synthesize
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +139,19 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   hyp_path = os.path.join(out_dir, "test_hypotheses.tsv")
   scores = evaluate(recognizer, manifest("test"), out_path=hyp_path)
   report["test"] = {"wer": round(float(scores["wer"]), 4), "cer": round(float(scores["cer"]), 4),
-                    "utterances": int(scores["utterances"]), "hypotheses": hyp_path}
+                    "utterances": int(scores["utterances"]), "hypotheses": hyp_path,
+                    "by_voice": _by_voice(hyp_path, corpus_dir)}
   report["test_lm"] = _lm_decoding(recognizer, corpus_dir, out_dir, manifest, say)
   report["test_conditions"] = _robustness(recognizer, manifest("test"), seed)
   if arms:
     report["compare"] = {"pretrained": dict(report["finetune"], test_cer=report["test"]["cer"],
                                             test_wer=report["test"]["wer"])}
     for name, arm in arms.items():
-      scores = evaluate(Recognizer.load(os.path.join(arm["dir"], "export")), manifest("test"))
+      arm_hyps = os.path.join(arm["dir"], "test_hypotheses.tsv")
+      scores = evaluate(Recognizer.load(os.path.join(arm["dir"], "export")), manifest("test"), out_path=arm_hyps)
       report["compare"][name] = dict(arm["summary"], test_cer=round(float(scores["cer"]), 4),
-                                     test_wer=round(float(scores["wer"]), 4))
+                                     test_wer=round(float(scores["wer"]), 4),
+                                     test_by_voice=_by_voice(arm_hyps, corpus_dir))
   times["evaluate"] = time.monotonic() - start
 
   start = _stage("5/5 transcribing one test file; plots; report", say)
@@ -235,6 +238,17 @@ def _comparison_lines(compare: dict[str, Any]) -> list[str]:
   return [pair(a, b, what) for a, b, what in pairs if a in compare]
 
 
+def _by_voice(hypotheses_tsv: str, corpus_dir: str) -> list[dict[str, Any]]:
+  """Test CER per voice, worst first (`corpus.by_voice`), rounded for the report."""
+  return [dict(r, cer=round(r["cer"], 4), wer=round(r["wer"], 4), share=round(r["share"], 3))
+          for r in by_voice.error_rates(hypotheses_tsv, corpus_dir)]
+
+
+def _voice_line(what: str, rows: list[dict[str, Any]]) -> str:
+  return f"{what} test CER by voice (share of the letters): " + ", ".join(
+      f"{r['voice']} {r['cer']:.3f} ({r['share']:.0%})" for r in rows)
+
+
 def _robustness(recognizer, test_manifest: str, seed: int) -> dict[str, Any]:
   """Greedy CER / WER on the test split under each of `augment.CONDITIONS` (telephone band, noise at
   5-15 dB SNR, a reverberant room): audio no stage of the demo trained on in any form (unseen voices
@@ -299,6 +313,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
       f"best valid CER {ft['valid_cer']:.3f} WER {ft['valid_wer']:.3f} "
       f"(update {ft['best_step']})",
       f"test (unseen voices): WER {t['wer']:.3f} CER {t['cer']:.3f} on {t['utterances']} utterances (greedy)",
+      *([_voice_line("pretrained:", t["by_voice"])] if t.get("by_voice") else []),
+      *([_voice_line("random init:", compare["scratch"]["test_by_voice"])]
+        if compare and compare.get("scratch", {}).get("test_by_voice") else []),
       *([("test under conditions never trained on (greedy CER): " + ", ".join(
           f"{name} {v['cer']:.3f}" for name, v in report["test_conditions"].items()))]
         if report.get("test_conditions") else []),

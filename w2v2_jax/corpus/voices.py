@@ -8,12 +8,17 @@ so a test error measures generalisation to unseen speakers:
   flite      kal, kal16, awb (train), rms (valid), slt (test).
   festival   kal_diphone, ked_diphone (train), cmu_us_slt_arctic_hts (test: the same CMU speaker
              "slt" as flite's slt, so both sit in test).
+  pico       SVOX Pico's en-US and en-GB voices (train; both female, the only natural-sounding
+             female English voices the training split can have: `pico`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import shutil
+import sys
+
+from w2v2_jax.corpus import pico
 
 ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd",
                   "en-029", "en-us-nyc")
@@ -29,6 +34,7 @@ ESPEAK_VARIANTS = {
 }
 FLITE_VOICES = {"train": ("kal", "kal16", "awb"), "valid": ("rms",), "test": ("slt",)}
 FESTIVAL_VOICES = {"train": ("kal_diphone", "ked_diphone"), "valid": (), "test": ("cmu_us_slt_arctic_hts",)}
+PICO_VOICES = {"train": pico.VOICES, "valid": (), "test": ()}
 # Festival voice -> the Debian package that holds it (voices of other languages: the unlabeled split).
 UNLABELED_VOICES = {
     "upc_ca_ona_hts": "festvox-ca-ona-hts",        # Catalan, female (HTS, as the test voice slt)
@@ -40,16 +46,18 @@ UNLABELED_VOICES = {
     "hy_fi_mv_diphone": "festvox-suopuhe-mv",      # Finnish, male
 }
 FESTIVAL_VOICE_DIRS = ("/usr/share/festival/voices", "/usr/lib/festival/voices")
-# Share of utterances per engine (renormalised over the engines a split has).
-ENGINE_WEIGHTS = {"espeak-ng": 0.7, "flite": 0.2, "festival": 0.1}
-ENGINE_PROGRAMS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave"}
+# Share of utterances per engine (renormalised over the engines a split has: valid and test, which have
+# no Pico voice, keep 0.7 / 0.2 / 0.1).
+ENGINE_WEIGHTS = {"espeak-ng": 0.7, "flite": 0.2, "festival": 0.1, "pico": 0.15}
+ENGINE_PROGRAMS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave", "pico": None}
+
 SPLITS = ("train", "valid", "test")
 
 
 @dataclasses.dataclass(frozen=True)
 class Voice:
-  engine: str     # espeak-ng | flite | festival
-  name: str       # espeak variant, flite voice or festival voice
+  engine: str     # espeak-ng | flite | festival | pico
+  name: str       # espeak variant, flite, festival or Pico voice
   split: str      # train | valid | test
 
 
@@ -64,7 +72,7 @@ def available_engines(requested=tuple(ENGINE_WEIGHTS)) -> tuple[str, ...]:
   unknown = set(requested) - set(ENGINE_WEIGHTS)
   if unknown:
     raise ValueError(f"unknown TTS engine(s) {sorted(unknown)}; choose from {sorted(ENGINE_WEIGHTS)}")
-  found = tuple(e for e in requested if shutil.which(ENGINE_PROGRAMS[e]))
+  found = tuple(e for e in requested if engine_installed(e))
   if not found:
     raise EngineUnavailable(
         f"none of the TTS engines {list(requested)} is installed; run `make corpus-deps` "
@@ -72,9 +80,14 @@ def available_engines(requested=tuple(ENGINE_WEIGHTS)) -> tuple[str, ...]:
   return found
 
 
+def engine_installed(engine: str) -> bool:
+  """Whether `engine` can render: its program on PATH (Pico: the `ttspico` Python module)."""
+  return pico.installed() if engine == "pico" else shutil.which(ENGINE_PROGRAMS[engine]) is not None
+
+
 def inventory(engines) -> dict[str, list[Voice]]:
   """split -> voices of the given engines."""
-  table = {"espeak-ng": ESPEAK_VARIANTS, "flite": FLITE_VOICES, "festival": FESTIVAL_VOICES}
+  table = {"espeak-ng": ESPEAK_VARIANTS, "flite": FLITE_VOICES, "festival": FESTIVAL_VOICES, "pico": PICO_VOICES}
   out = {split: [] for split in SPLITS}
   for engine in engines:
     for split in SPLITS:
@@ -114,4 +127,6 @@ def command(voice: Voice, text: str, wav_path: str, *, accent: str, speed: int, 
     return ["flite", "-voice", voice.name, "-t", text, "-o", wav_path], None
   if voice.engine == "festival":
     return ["text2wave", "-eval", f"(voice_{voice.name})", "-o", wav_path], text
+  if voice.engine == "pico":
+    return [sys.executable, "-m", "w2v2_jax.corpus.pico", voice.name, wav_path], text
   raise ValueError(f"unknown engine {voice.engine!r}")
