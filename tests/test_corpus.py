@@ -307,6 +307,17 @@ def test_plan_is_deterministic_for_a_seed(texts):
       (split, engine) for engine, table in TABLES.items() for split in voices.SPLITS if table[split]}
 
 
+def test_pico_leaves_valid_and_test_unchanged(texts):
+  """Pico speaks train only: valid and test are the same utterances with or without it, so a model's
+  test CER stays comparable with the corpora made before Pico was an engine."""
+  without = tuple(e for e in ENGINES if e != "pico")
+  for kwargs in ({}, {"hours": 0.2, "eval_minutes": 2.0}):
+    with_pico, without_pico = tiny_plan(texts, **kwargs), tiny_plan(texts, engines=without, **kwargs)
+    held_out = lambda utts: [u for u in utts if u.split in ("valid", "test")]  # noqa: E731
+    assert held_out(with_pico) == held_out(without_pico) and held_out(with_pico)
+    assert {u.engine for u in with_pico if u.split == "train"} == set(ENGINES)
+
+
 def test_plan_splits_sentences_and_voices(texts):
   utts = tiny_plan(texts, hours=0.1, eval_minutes=1.0)
   by_split = {s: [u for u in utts if u.split == s] for s in voices.SPLITS}
