@@ -73,3 +73,32 @@ def test_evaluate_under_a_condition_scores_the_perturbed_audio(recognizer, tmp_p
   out = cli.run(["evaluate", "--checkpoint", "ckpt", "--data", tsv, "--batch-seconds", "2",
                  "--condition", "telephone", "--condition_seed", "7"])
   assert out["cer"] == result["cer"] and "condition: telephone (seed 7)" in capsys.readouterr().out
+
+
+def test_evaluate_by_voice(recognizer, tmp_path, capsys, monkeypatch):
+  """--by_voice joins each scored utterance with the voice the corpus's plan.jsonl gives it: per voice,
+  the CER of the recognizer's own transcripts of that voice's files; without a plan it stops before
+  any work, naming the manifest."""
+  import json
+  tsv, good, refs = write_corpus(tmp_path)
+  voice = {"a": "flite:slt", "b": "espeak-ng:m4", "c": "flite:slt", "d": "espeak-ng:m4", "missing": "flite:slt",
+           "e": "espeak-ng:m4"}
+  monkeypatch.setattr(Recognizer, "load", classmethod(lambda cls, p, **kw: recognizer))
+  with pytest.raises(SystemExit, match=r"no plan.jsonl beside .*test.tsv"):
+    cli.run(["evaluate", "--checkpoint", "ckpt", "--data", tsv, "--by_voice"])
+  with pytest.raises(SystemExit, match="local manifest"):
+    cli.run(["evaluate", "--checkpoint", "ckpt", "--data", "tfds:test_clean", "--by_voice"])
+  (tmp_path / "plan.jsonl").write_text("".join(
+      json.dumps({"id": k, "engine": v.split(":")[0], "voice": v.split(":")[1], "split": "test"}) + "\n"
+      for k, v in voice.items()))
+  capsys.readouterr()
+  result = cli.run(["evaluate", "--checkpoint", "ckpt", "--data", tsv, "--batch-seconds", "2", "--by_voice"])
+  printed = capsys.readouterr().out
+  hyps = recognizer.transcribe([load_audio(p) for p in good], batch_seconds=2.0)
+  rows = {r["voice"]: r for r in result["by_voice"]}
+  assert set(rows) == {"flite:slt", "espeak-ng:m4"} and result["hypotheses_path"] is None
+  for name, members in (("flite:slt", [0, 2]), ("espeak-ng:m4", [1, 3])):
+    assert rows[name]["utterances"] == 2
+    assert rows[name]["cer"] == pytest.approx(scoring.cer([refs[i] for i in members], [hyps[i] for i in members]))
+    assert f"  {name}" in printed
+  assert "by voice (share of the reference letters):" in printed

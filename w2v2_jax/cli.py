@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from typing import Any, Callable, List, Optional
 
 from absl import flags
@@ -241,6 +242,9 @@ def _define_evaluate(fv: flags.FlagValues, _: List[str]) -> None:
                     "telephone band 300-3400 Hz, noisy (coloured noise at 5-15 dB SNR) or reverberant "
                     "(RT60 0.5-1 s); the same perturbation of each utterance on every run", flag_values=fv)
   flags.DEFINE_integer("condition_seed", 0, "Seed of the --condition draws", flag_values=fv)
+  flags.DEFINE_bool("by_voice", False, "Also print the CER of each voice, worst first: for a local corpus made "
+                    "by `w2v2 make-corpus` (its plan.jsonl, beside the manifest, names each utterance's voice)",
+                    flag_values=fv)
   _define_decoding(fv)
   flags.mark_flags_as_required(["checkpoint", "data"], flag_values=fv)
 
@@ -248,18 +252,25 @@ def _define_evaluate(fv: flags.FlagValues, _: List[str]) -> None:
 def _run_evaluate(fv: flags.FlagValues, _: List[str]) -> dict:
   """Prints WER, CER, utterances/s and skipped items; exits with status 1 if no utterance could be
   evaluated. Returns `evaluate.evaluate`'s dict."""
+  from w2v2_jax.corpus import by_voice  # pylint: disable=import-outside-toplevel
   from w2v2_jax.data.labeled import open_labeled_source  # pylint: disable=import-outside-toplevel
   from w2v2_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
   from w2v2_jax.recognizer import Recognizer  # pylint: disable=import-outside-toplevel
+  corpus_dir = _by_voice_corpus(fv.data) if fv.by_voice else None     # checked before any work
   recognizer = Recognizer.load(fv.checkpoint, normalize=fv.normalize)
   if fv.data.startswith("tfds:"):
     from w2v2_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
     source = TfdsSource(fv.data[len("tfds:"):], name=fv.tfds_name, data_dir=fv.tfds_data_dir)
   else:
     source = open_labeled_source(fv.data, fv.label)
-  result = evaluate(recognizer, source, batch_seconds=fv.batch_seconds, beam_width=fv.beam, lm_path=fv.lm,
-                    alpha=fv.alpha, beta=fv.beta, chunk_seconds=fv.chunk_seconds, out_path=fv.out,
-                    augment=fv.condition, augment_seed=fv.condition_seed)
+  with tempfile.TemporaryDirectory(prefix="w2v2-evaluate-") as tmp:
+    out_path = fv.out or (os.path.join(tmp, "hypotheses.tsv") if corpus_dir else None)
+    result = evaluate(recognizer, source, batch_seconds=fv.batch_seconds, beam_width=fv.beam, lm_path=fv.lm,
+                      alpha=fv.alpha, beta=fv.beta, chunk_seconds=fv.chunk_seconds, out_path=out_path,
+                      augment=fv.condition, augment_seed=fv.condition_seed)
+    voices = by_voice.error_rates(out_path, corpus_dir) if corpus_dir and result["utterances"] else []
+  if not fv.out:
+    result["hypotheses_path"] = None
   if fv.condition:
     print(f"condition: {fv.condition} (seed {fv.condition_seed})")
   print(f"WER {100 * result['wer']:.2f}%  CER {100 * result['cer']:.2f}%  "
@@ -271,7 +282,24 @@ def _run_evaluate(fv: flags.FlagValues, _: List[str]) -> dict:
     print(f"hypotheses: {result['hypotheses_path']}")
   if not result["utterances"]:
     raise SystemExit("w2v2 evaluate: no utterance could be evaluated")
+  if corpus_dir:
+    result["by_voice"] = voices
+    print("by voice (share of the reference letters):")
+    for row in voices:
+      print(f"  {row['voice']:<36} CER {100 * row['cer']:6.2f}%  WER {100 * row['wer']:6.2f}%  "
+            f"{row['utterances']:5d} utterances  {100 * row['share']:5.1f}%")
   return result
+
+
+def _by_voice_corpus(data: str) -> str:
+  """The corpus folder of a local manifest made by `w2v2 make-corpus` (holding plan.jsonl)."""
+  if data.startswith("tfds:") or "://" in data:
+    raise SystemExit(f"w2v2 evaluate: --by_voice needs a local manifest of a `w2v2 make-corpus` corpus, got {data}")
+  corpus_dir = os.path.dirname(os.path.abspath(data))
+  if not os.path.exists(os.path.join(corpus_dir, "plan.jsonl")):
+    raise SystemExit(f"w2v2 evaluate: --by_voice: no plan.jsonl beside {data}; it needs a corpus made by "
+                     "`w2v2 make-corpus`, whose plan names each utterance's voice")
+  return corpus_dir
 
 
 def _define_transcribe(fv: flags.FlagValues, _: List[str]) -> None:
