@@ -535,6 +535,11 @@ def test_error_rates_by_voice(corpus, tmp_path):
     by_voice.error_rates(hyp_tsv, out)
   with pytest.raises(ValueError, match="not a hypotheses file"):
     by_voice.error_rates(os.path.join(out, "test.tsv"), out)
+  scoring.write_hypotheses(hyp_tsv, ids, refs, hyps)
+  with open(hyp_tsv, "a", encoding="utf-8") as f:
+    f.write("cut\tshort\n")
+  with pytest.raises(ValueError, match=r"hyp.tsv:%d: 2 fields, not 7" % (len(ids) + 2)):
+    by_voice.error_rates(hyp_tsv, out)
   with pytest.raises(FileNotFoundError, match="no plan.jsonl"):
     by_voice.error_rates(hyp_tsv, str(tmp_path))
 

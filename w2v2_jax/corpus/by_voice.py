@@ -36,7 +36,7 @@ def error_rates(hypotheses_tsv: str, corpus_dir: str) -> list[dict[str, Any]]:
   """Per voice, worst CER first: voice ("engine:voice"), utterances, ref_chars, char_errors, cer, wer and
   share (of the split's reference characters). Every line of the TSV must belong to a planned utterance."""
   voices = voice_of_utterance(corpus_dir)
-  totals = collections.defaultdict(lambda: collections.Counter())
+  totals = collections.defaultdict(collections.Counter)
   with open(hypotheses_tsv, encoding="utf-8", newline="") as f:
     rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
   if not rows or tuple(rows[0]) != scoring.HYPOTHESES_HEADER:
@@ -44,6 +44,8 @@ def error_rates(hypotheses_tsv: str, corpus_dir: str) -> list[dict[str, Any]]:
                      f"{' '.join(scoring.HYPOTHESES_HEADER)})")
   columns = {name: i for i, name in enumerate(scoring.HYPOTHESES_HEADER)}
   for number, row in enumerate(rows[1:], 2):
+    if len(row) != len(columns):
+      raise ValueError(f"{hypotheses_tsv}:{number}: {len(row)} fields, not {len(columns)}")
     utt = os.path.splitext(os.path.basename(row[columns["id"]]))[0]
     if utt not in voices:
       raise ValueError(f"{hypotheses_tsv}:{number}: utterance {utt!r} is not in {corpus_dir}/plan.jsonl")
