@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from w2v2_jax.corpus import pico, sentences, synthesize, voices
+from w2v2_jax.corpus import by_voice, pico, sentences, synthesize, voices
 from w2v2_jax.data.manifest import read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -509,7 +509,6 @@ def test_error_rates_by_voice(corpus, tmp_path):
   another corpus or a file that is not a hypotheses file is refused with its name."""
   import jiwer
   from w2v2_jax import scoring
-  from w2v2_jax.corpus import by_voice
   out, _ = corpus
   test = read_manifest(os.path.join(out, "test.tsv"), label_exts=("wrd",))
   refs = test.labels["wrd"]
@@ -542,6 +541,22 @@ def test_error_rates_by_voice(corpus, tmp_path):
     by_voice.error_rates(hyp_tsv, out)
   with pytest.raises(FileNotFoundError, match="no plan.jsonl"):
     by_voice.error_rates(hyp_tsv, str(tmp_path))
+
+
+def test_bad_plan_line_is_named_and_nothing_is_rendered(corpus, tmp_path, rendered):
+  """A plan.jsonl line that is not an entry stops both its readers (a resumed make_corpus and the per-voice
+  join) with its file and line number, before any file is rendered or removed."""
+  out = copy_corpus(corpus, tmp_path)
+  plan_path = os.path.join(out, "plan.jsonl")
+  lines = len(read_plan(out))
+  with open(plan_path, "a", encoding="utf-8") as f:
+    f.write('{"id": "half-writ\n')
+  before = file_hashes(out)
+  with pytest.raises(ValueError, match=r"plan.jsonl:%d: not a plan entry" % (lines + 1)):
+    synthesize.make_corpus(out, seed=SEED, **TINY)
+  assert rendered == [] and file_hashes(out) == before
+  with pytest.raises(ValueError, match=r"plan.jsonl:%d: not a plan entry" % (lines + 1)):
+    by_voice.voice_of_utterance(out)
 
 
 def test_same_seed_same_bytes(corpus, tmp_path):

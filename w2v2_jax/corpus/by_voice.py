@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
 import os
 from typing import Any
 
 from w2v2_jax import scoring
+from w2v2_jax.corpus import synthesize
 
 
 def voice_of_utterance(corpus_dir: str) -> dict[str, str]:
-  """Utterance id -> "engine:voice", from CORPUS/plan.jsonl."""
+  """Utterance id -> "engine:voice", from CORPUS/plan.jsonl (`synthesize.read_plan`)."""
   path = os.path.join(corpus_dir, "plan.jsonl")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no plan.jsonl; is {corpus_dir} a corpus made by `w2v2 make-corpus`?")
   out = {}
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          entry = json.loads(line)
-          out[entry["id"]] = f"{entry['engine']}:{entry['voice']}"
-        except (ValueError, KeyError) as e:
-          raise ValueError(f"{path}:{number}: not a plan entry ({e})") from None
+  for utt_id, entry in synthesize.read_plan(path).items():
+    try:
+      out[utt_id] = f"{entry['engine']}:{entry['voice']}"
+    except KeyError as e:
+      raise ValueError(f"{path}: entry {utt_id!r} has no {e}") from None
   return out
 
 

@@ -177,15 +177,24 @@ def render(utt: Utterance, out_dir: str, timeout: float = 120.0) -> int:
   return int(frames)
 
 
-def _read_plan(path: str) -> dict[str, dict]:
+def read_plan(path: str, *, missing_ok: bool = False) -> dict[str, dict]:
+  """Utterance id -> its plan entry (a dict of `Utterance`'s fields and "version"), from a corpus's
+  plan.jsonl. A missing file is {} with missing_ok, else FileNotFoundError; a line that is not a plan
+  entry raises ValueError naming the file and the line."""
   if not os.path.exists(path):
-    return {}
+    if missing_ok:
+      return {}
+    raise FileNotFoundError(f"{path}: no plan.jsonl; is {os.path.dirname(path) or '.'} a corpus made by "
+                            "`w2v2 make-corpus`?")
   out = {}
   with open(path, encoding="utf-8") as f:
-    for line in f:
+    for number, line in enumerate(f, 1):
       if line.strip():
-        entry = json.loads(line)
-        out[entry["id"]] = entry
+        try:
+          entry = json.loads(line)
+          out[entry["id"]] = entry
+        except (ValueError, KeyError, TypeError) as e:
+          raise ValueError(f"{path}:{number}: not a plan entry ({e!r})") from None
   return out
 
 
@@ -239,7 +248,7 @@ def make_corpus(out_dir: str, hours: float = 1.0, *, eval_minutes: float = 5.0,
               unlabeled_hours=unlabeled_hours)
   os.makedirs(out_dir, exist_ok=True)
   plan_path = os.path.join(out_dir, "plan.jsonl")
-  old = _read_plan(plan_path)
+  old = read_plan(plan_path, missing_ok=True)
   # An unshifted entry is written without its formant: plans from before voice shifts stay valid.
   entries = [{k: v for k, v in dict(dataclasses.asdict(u), version=PLAN_VERSION).items()
               if k != "formant" or v != 1.0} for u in utts]
