@@ -140,7 +140,9 @@ def _define_make_corpus(fv: flags.FlagValues, _: List[str]) -> None:
   flags.DEFINE_float("eval_minutes", 5.0, "Minutes of valid and of test audio", flag_values=fv)
   flags.DEFINE_float("labeled_minutes", 10.0, "Minutes of the labeled subset train_<M>m", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed: voices, sentences, prosody", flag_values=fv)
-  flags.DEFINE_list("engines", ["espeak-ng", "flite", "festival"], "TTS engines", flag_values=fv)
+  from w2v2_jax.corpus import voices  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_list("engines", list(voices.ENGINE_WEIGHTS), "TTS engines (default: all; those not installed are "
+                    "left out)", flag_values=fv)
   flags.DEFINE_string("text", None, "Text file (one paragraph per line) instead of the KJV Bible", flag_values=fv)
   flags.DEFINE_integer("workers", None, "Parallel renders (default: the CPU count)", flag_values=fv)
   flags.DEFINE_float("voice_shift", 0.0, "Share of train utterances given a new speaker by a vocal tract and pitch "
