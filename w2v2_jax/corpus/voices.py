@@ -10,7 +10,6 @@ so a test error measures generalisation to unseen speakers:
              "slt" as flite's slt, so both sit in test).
   pico       SVOX Pico's en-US and en-GB voices (train; both female, the only natural-sounding
              female English voices the training split can have: `pico`).
-  piper      Piper's neural voice "joe" (train; US English, male: `piper`).
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import os
 import shutil
 import sys
 
-from w2v2_jax.corpus import pico, piper
+from w2v2_jax.corpus import pico
 
 ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd",
                   "en-029", "en-us-nyc")
@@ -36,7 +35,6 @@ ESPEAK_VARIANTS = {
 FLITE_VOICES = {"train": ("kal", "kal16", "awb"), "valid": ("rms",), "test": ("slt",)}
 FESTIVAL_VOICES = {"train": ("kal_diphone", "ked_diphone"), "valid": (), "test": ("cmu_us_slt_arctic_hts",)}
 PICO_VOICES = {"train": pico.VOICES, "valid": (), "test": ()}
-PIPER_VOICES = {"train": tuple(piper.VOICES), "valid": (), "test": ()}
 # Festival voice -> the Debian package that holds it (voices of other languages: the unlabeled split).
 UNLABELED_VOICES = {
     "upc_ca_ona_hts": "festvox-ca-ona-hts",        # Catalan, female (HTS, as the test voice slt)
@@ -49,16 +47,16 @@ UNLABELED_VOICES = {
 }
 FESTIVAL_VOICE_DIRS = ("/usr/share/festival/voices", "/usr/lib/festival/voices")
 # Share of utterances per engine (renormalised over the engines a split has: valid and test, which have
-# no Pico or Piper voice, keep 0.7 / 0.2 / 0.1).
-ENGINE_WEIGHTS = {"espeak-ng": 0.7, "flite": 0.2, "festival": 0.1, "pico": 0.15, "piper": 0.1}
-ENGINE_PROGRAMS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave", "pico": None, "piper": None}
+# no Pico voice, keep 0.7 / 0.2 / 0.1).
+ENGINE_WEIGHTS = {"espeak-ng": 0.7, "flite": 0.2, "festival": 0.1, "pico": 0.15}
+ENGINE_PROGRAMS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave", "pico": None}
 
 SPLITS = ("train", "valid", "test")
 
 
 @dataclasses.dataclass(frozen=True)
 class Voice:
-  engine: str     # espeak-ng | flite | festival | pico | piper
+  engine: str     # espeak-ng | flite | festival | pico
   name: str       # espeak variant, flite, festival or Pico voice
   split: str      # train | valid | test
 
@@ -83,19 +81,13 @@ def available_engines(requested=tuple(ENGINE_WEIGHTS)) -> tuple[str, ...]:
 
 
 def engine_installed(engine: str) -> bool:
-  """Whether `engine` can render: its program on PATH (Pico: the `ttspico` Python module; Piper: piper-tts,
-  onnxruntime and the voice's package)."""
-  if engine == "pico":
-    return pico.installed()
-  if engine == "piper":
-    return all(piper.installed(name) for name in piper.VOICES)
-  return shutil.which(ENGINE_PROGRAMS[engine]) is not None
+  """Whether `engine` can render: its program on PATH (Pico: the `ttspico` Python module)."""
+  return pico.installed() if engine == "pico" else shutil.which(ENGINE_PROGRAMS[engine]) is not None
 
 
 def inventory(engines) -> dict[str, list[Voice]]:
   """split -> voices of the given engines."""
-  table = {"espeak-ng": ESPEAK_VARIANTS, "flite": FLITE_VOICES, "festival": FESTIVAL_VOICES, "pico": PICO_VOICES,
-           "piper": PIPER_VOICES}
+  table = {"espeak-ng": ESPEAK_VARIANTS, "flite": FLITE_VOICES, "festival": FESTIVAL_VOICES, "pico": PICO_VOICES}
   out = {split: [] for split in SPLITS}
   for engine in engines:
     for split in SPLITS:
@@ -137,6 +129,4 @@ def command(voice: Voice, text: str, wav_path: str, *, accent: str, speed: int, 
     return ["text2wave", "-eval", f"(voice_{voice.name})", "-o", wav_path], text
   if voice.engine == "pico":
     return [sys.executable, "-m", "w2v2_jax.corpus.pico", voice.name, wav_path], text
-  if voice.engine == "piper":
-    return [sys.executable, "-m", "w2v2_jax.corpus.piper", voice.name, wav_path], text
   raise ValueError(f"unknown engine {voice.engine!r}")
