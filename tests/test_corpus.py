@@ -518,6 +518,7 @@ def test_error_rates_by_voice(corpus, tmp_path):
   scoring.write_hypotheses(hyp_tsv, ids, refs, hyps)
   plan = read_plan(out)
   rows = by_voice.error_rates(hyp_tsv, out)
+  assert by_voice.error_rates(hyp_tsv, out, by_voice.voice_of_utterance(out)) == rows   # the map read once
   groups = collections.defaultdict(list)
   for i, path in enumerate(ids):
     entry = plan[os.path.splitext(os.path.basename(path))[0]]

@@ -138,9 +138,10 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   recognizer = Recognizer.load(os.path.join(ft_dir, "export"))
   hyp_path = os.path.join(out_dir, "test_hypotheses.tsv")
   scores = evaluate(recognizer, manifest("test"), out_path=hyp_path)
+  voices = by_voice.voice_of_utterance(corpus_dir)      # read once for every arm's per-voice line
   report["test"] = {"wer": round(float(scores["wer"]), 4), "cer": round(float(scores["cer"]), 4),
                     "utterances": int(scores["utterances"]), "hypotheses": hyp_path,
-                    "by_voice": _by_voice(hyp_path, corpus_dir)}
+                    "by_voice": _by_voice(hyp_path, corpus_dir, voices)}
   report["test_lm"] = _lm_decoding(recognizer, corpus_dir, out_dir, manifest, say)
   report["test_conditions"] = _robustness(recognizer, manifest("test"), seed)
   if arms:
@@ -151,7 +152,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
       scores = evaluate(Recognizer.load(os.path.join(arm["dir"], "export")), manifest("test"), out_path=arm_hyps)
       report["compare"][name] = dict(arm["summary"], test_cer=round(float(scores["cer"]), 4),
                                      test_wer=round(float(scores["wer"]), 4),
-                                     test_by_voice=_by_voice(arm_hyps, corpus_dir))
+                                     test_by_voice=_by_voice(arm_hyps, corpus_dir, voices))
   times["evaluate"] = time.monotonic() - start
 
   start = _stage("5/5 transcribing one test file; plots; report", say)
@@ -238,10 +239,10 @@ def _comparison_lines(compare: dict[str, Any]) -> list[str]:
   return [pair(a, b, what) for a, b, what in pairs if a in compare]
 
 
-def _by_voice(hypotheses_tsv: str, corpus_dir: str) -> list[dict[str, Any]]:
+def _by_voice(hypotheses_tsv: str, corpus_dir: str, voices: dict[str, str]) -> list[dict[str, Any]]:
   """Test CER per voice, worst first (`corpus.by_voice`), rounded for the report."""
   return [dict(r, cer=round(r["cer"], 4), wer=round(r["wer"], 4), share=round(r["share"], 3))
-          for r in by_voice.error_rates(hypotheses_tsv, corpus_dir)]
+          for r in by_voice.error_rates(hypotheses_tsv, corpus_dir, voices)]
 
 
 def _voice_line(what: str, rows: list[dict[str, Any]]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import csv
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from w2v2_jax import scoring
 from w2v2_jax.corpus import synthesize
@@ -27,10 +27,15 @@ def voice_of_utterance(corpus_dir: str) -> dict[str, str]:
   return out
 
 
-def error_rates(hypotheses_tsv: str, corpus_dir: str) -> list[dict[str, Any]]:
+def error_rates(hypotheses_tsv: str, corpus_dir: str,
+                voices: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
   """Per voice, worst CER first: voice ("engine:voice"), utterances, ref_chars, char_errors, cer, wer and
-  share (of the split's reference characters). Every line of the TSV must belong to a planned utterance."""
-  voices = voice_of_utterance(corpus_dir)
+  share (of the split's reference characters). Every line of the TSV must belong to a planned utterance.
+
+  voices: `voice_of_utterance(corpus_dir)`, for a caller that scores several files of one corpus (read
+  once); None reads it here."""
+  if voices is None:
+    voices = voice_of_utterance(corpus_dir)
   totals = collections.defaultdict(collections.Counter)
   with open(hypotheses_tsv, encoding="utf-8", newline="") as f:
     rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
