@@ -519,6 +519,8 @@ def test_error_rates_by_voice(corpus, tmp_path):
   plan = read_plan(out)
   rows = by_voice.error_rates(hyp_tsv, out)
   assert by_voice.error_rates(hyp_tsv, out, by_voice.voice_of_utterance(out)) == rows   # the map read once
+  merged = by_voice.error_rates(hyp_tsv, out, {u: "all:one" for u in by_voice.voice_of_utterance(out)})
+  assert [(r["voice"], r["utterances"]) for r in merged] == [("all:one", len(ids))]   # the given map is the one used
   groups = collections.defaultdict(list)
   for i, path in enumerate(ids):
     entry = plan[os.path.splitext(os.path.basename(path))[0]]
