@@ -65,6 +65,9 @@ def test_finetune_configs(arg):
   if arg == "small_1h":
     assert (model.mask_prob, model.mask_channel_prob, c.train.steps, c.train.freeze_updates) == (0.1, 0.0, 3000, 200)
     assert c.train.best_metric == "cer"
+  # Speed perturbation only in the demo's configs; every other config trains on the audio as it is.
+  assert c.data.augment.speed_prob == (0.5 if arg in ("small_1h", "small_10m") else 0.0)
+  assert all(v == 0 for k, v in c.data.augment.items() if k.endswith("_prob") and k != "speed_prob")
   # The demo's configs: lr 2e-3 with a fresh top half; everything else re-initialises nothing.
   assert (c.optim.lr, c.reinit_layers) == ((2e-3, 2) if arg in ("small_1h", "small_10m") else (c.optim.lr, 0))
 

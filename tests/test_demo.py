@@ -159,6 +159,13 @@ def test_demo_compares_pretrained_with_random_initialisation(demo_run):
   assert 1 < len(low) < len(labeled) and labeled[:len(low)] == low
   assert cmp["pretrained_low"]["updates"] == 20 and cmp["probe"]["probe"] and not cmp["scratch"]["probe"]
   assert cmp["pretrained"]["test_cer"] == report["test"]["cer"]
+  # Both arms of a pair hear the same augmentation (small_1h's speed perturbation); the probes read the
+  # audio as it is.
+  assert cmp["pretrained"]["augment"] == cmp["scratch"]["augment"] == {"speed_prob": 0.5}
+  assert cmp["pretrained_low"]["augment"] == cmp["scratch_low"]["augment"] == {"speed_prob": 0.5}
+  assert cmp["probe"]["augment"] == cmp["probe_random"]["augment"] == {}
+  assert any(line.startswith("fine-tuning (small_1h on train_0.5m, waveform augmentation speed_prob 0.5)")
+             for line in lines)
   for arm in ("scratch", "pretrained_low", "scratch_low", "probe", "probe_random"):
     rows = cmp[arm]["test_by_voice"]
     assert sum(r["char_errors"] for r in rows) / sum(r["ref_chars"] for r in rows) == pytest.approx(

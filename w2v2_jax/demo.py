@@ -5,7 +5,8 @@
                  text: pretraining only), cached: a second run reuses the files.
   2. pretrain    the packaged config pretrain:small (2.2M parameters) on train + unlabeled, no labels.
   3. finetune    finetune:small_1h: CTC on the labeled hour (train_60m: all of train at the
-                 default size), conv encoder included, validated on unseen voices; the best model by
+                 default size), conv encoder included, speed perturbation (factors 0.9-1.1) on half
+                 the utterances, validated on unseen voices; the best model by
                  validation CER is exported. The claim of the paper, checked (`compare`; `w2v2 demo --compare`):
                  the same fine-tuning from random initialisation (same config, data, updates, seed);
                  both again on 10 labeled minutes (small_10m on train_10m); and a linear CTC probe
@@ -191,8 +192,9 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
   From random initialisation there is no freeze and the conv encoder trains (feature_grad_mult 1 where
   the recipe freezes it): frozen random weights gain nothing, so these departures only help the
   baseline (and nothing is re-initialised: reinit_layers 0). probe: only the output layer trains, on
-  the whole pretrained model's frozen features (no re-initialised layers, no masks, no dropout, lr
-  PROBE_LR), for the same number of updates: a linear CTC probe of what the backbone's last layer encodes.
+  the whole pretrained model's frozen features (no re-initialised layers, no masks, no dropout, no
+  waveform augmentation, lr PROBE_LR), for the same number of updates: a linear CTC probe of what the
+  backbone's last layer encodes.
   Returns {"dir", "summary"}; the model of the lowest valid CER is exported to workdir/export.
   """
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
@@ -209,7 +211,9 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
     cfg.reinit_layers = 0                  # the probe reads the whole pretrained model's last layer
     cfg.train.freeze_updates = cfg.train.steps
     cfg.model.mask_prob = cfg.model.mask_channel_prob = cfg.model.feature_grad_mult = 0.0
-    cfg.model.activation_dropout = 0.0     # the probe reads the features as they are
+    cfg.model.activation_dropout = 0.0     # the probe reads the features as they are ...
+    for field in [k for k in cfg.data.augment.keys() if k.endswith("_prob")]:
+      cfg.data.augment[field] = 0.0        # ... of the audio as it is
     cfg.optim.lr = PROBE_LR
   cfg.train.eval_every = max(1, min(cfg.train.eval_every, cfg.train.steps // 4))
   cfg.train.seed = cfg.data.seed = seed
@@ -221,6 +225,7 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
   valid = plots.read_jsonl(os.path.join(workdir, "valid.jsonl"))
   summary = {"config": config_name, "split": split, "init": "pretrained" if init else "random",
              "probe": probe, "updates": int(cfg.train.steps), "best_step": best["step"],
+             "augment": {k: v for k, v in cfg.data.augment.items() if k.endswith("_prob") and v > 0},
              "valid_wer": round(best["wer"], 4), "valid_cer": round(best["cer"], 4),
              "valid_cer_curve": {int(r["step"]): round(float(r["valid/cer"]), 4) for r in valid}}
   return {"dir": workdir, "summary": summary}
@@ -245,6 +250,11 @@ def _by_voice(hypotheses_tsv: str, corpus_dir: str, voices: dict[str, str]) -> l
           for r in by_voice.error_rates(hypotheses_tsv, corpus_dir, voices)]
 
 
+def _augment_words(augment: Optional[dict[str, float]]) -> str:
+  """", waveform augmentation speed_prob 0.5" for an arm's enabled transforms; "" for none."""
+  return ", waveform augmentation " + ", ".join(f"{k} {v:g}" for k, v in augment.items()) if augment else ""
+
+
 def _voice_line(what: str, rows: list[dict[str, Any]]) -> str:
   return f"{what} test CER by voice (share of the letters): " + ", ".join(
       f"{r['voice']} {r['cer']:.3f} ({r['share']:.0%})" for r in rows)
@@ -253,7 +263,7 @@ def _voice_line(what: str, rows: list[dict[str, Any]]) -> str:
 def _robustness(recognizer, test_manifest: str, seed: int) -> dict[str, Any]:
   """Greedy CER / WER on the test split under each of `augment.CONDITIONS` (telephone band, noise at
   5-15 dB SNR, a reverberant room): audio no stage of the demo trained on in any form (unseen voices
-  through a channel fine-tuning never applies; the demo trains without augmentation)."""
+  through a channel fine-tuning never applies; the demo's only augmentation is speed perturbation)."""
   from w2v2_jax.data import augment, labeled  # pylint: disable=import-outside-toplevel
   from w2v2_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
   source = labeled.open_labeled_source(test_manifest, None)      # read once, scored under each condition
@@ -310,7 +320,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
       f"pretraining: {p['updates']} updates; contrastive loss {p['contrastive_first']} -> {p['contrastive_last']} "
       f"nats (chance ln(K+1) = {p['chance_nats']}), {leaves}; accuracy {p['accuracy_last']}; "
       f"prob perplexity {p['prob_perplexity_last']} of {p['codebook_size']} codewords",
-      f"fine-tuning ({report['finetune_config']} on {report['labeled_split']}): {ft['updates']} updates; "
+      f"fine-tuning ({report['finetune_config']} on {report['labeled_split']}"
+      f"{_augment_words(ft.get('augment'))}): {ft['updates']} updates; "
       f"best valid CER {ft['valid_cer']:.3f} WER {ft['valid_wer']:.3f} "
       f"(update {ft['best_step']})",
       f"test (unseen voices): WER {t['wer']:.3f} CER {t['cer']:.3f} on {t['utterances']} utterances (greedy)",
