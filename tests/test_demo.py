@@ -159,7 +159,7 @@ def test_demo_compares_pretrained_with_random_initialisation(demo_run):
   assert 1 < len(low) < len(labeled) and labeled[:len(low)] == low
   assert cmp["pretrained_low"]["updates"] == 20 and cmp["probe"]["probe"] and not cmp["scratch"]["probe"]
   assert cmp["pretrained"]["test_cer"] == report["test"]["cer"]
-  # Both arms of a pair hear the same augmentation (small_1h's speed perturbation); the probes read the
+  # Both arms of a pair hear the same augmentation (the demo configs' speed perturbation); the probes read the
   # audio as it is.
   assert cmp["pretrained"]["augment"] == cmp["scratch"]["augment"] == {"speed_prob": 0.5}
   assert cmp["pretrained_low"]["augment"] == cmp["scratch_low"]["augment"] == {"speed_prob": 0.5}
