@@ -21,7 +21,8 @@
                  temperature; CTC loss and valid CER; valid CER of every arm, compare.png) and
                  report.md / report.json in the run folder.
 
-Every stage resumes: a killed demo picks up where it stopped (checkpoints, finished corpus files).
+Every stage resumes: a killed demo picks up where it stopped (checkpoints, finished corpus files); a
+fine-tuning arm's folder records its settings, and one trained with other settings is refused.
 `scale` multiplies the number of updates of every training stage.
 """
 from __future__ import annotations
@@ -219,6 +220,7 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
   cfg.train.seed = cfg.data.seed = seed
   cfg.train.best_metric = "cer"      # every arm exports by the same measure, the one compared
   _stage(f"{title} ({config_name}, {cfg.train.steps} updates) -> {workdir}", say)
+  _check_arm_settings(cfg, split, workdir)
   loop.finetune(cfg, workdir)
   with open(os.path.join(workdir, "best.json")) as f:
     best = json.load(f)
@@ -229,6 +231,46 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
              "valid_wer": round(best["wer"], 4), "valid_cer": round(best["cer"], 4),
              "valid_cer_curve": {int(r["step"]): round(float(r["valid/cer"]), 4) for r in valid}}
   return {"dir": workdir, "summary": summary}
+
+
+ARM_SETTINGS = "demo_arm_settings.json"     # in each arm's workdir: what it was trained with
+PATH_FIELDS = ("init", "data.train_manifest", "data.valid_manifest")   # recorded as the split / init kind
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _check_arm_settings(cfg, split: str, workdir: str) -> None:
+  """Records an arm's settings in workdir/ARM_SETTINGS when it starts; when the demo resumes the arm,
+  raises ValueError if the recorded settings differ from `cfg`'s (a finished arm would otherwise be
+  reused as it is after a config change, e.g. a new version of the package). Paths are left out (a run
+  folder moved with its corpus still matches): the split's name and whether there is an init stand for them.
+  A workdir with checkpoints but no record (a demo of an earlier version) is resumed with a warning."""
+  settings = {k: v for k, v in _flat(json.loads(cfg.to_json_best_effort())).items() if k not in PATH_FIELDS}
+  settings.update({"split": split, "pretrained_init": bool(cfg.init)})
+  path = os.path.join(workdir, ARM_SETTINGS)
+  if os.path.exists(path):
+    with open(path) as f:
+      recorded = json.load(f)
+    changed = [f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(recorded) | set(settings))
+               if recorded.get(k) != settings.get(k)]
+    if changed:
+      raise ValueError(f"{workdir} was trained with other settings ({'; '.join(changed)}); delete that folder to "
+                       "train this arm again, or give the demo another --out")
+    return
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    log.warning("%s has checkpoints but no record of its settings (%s): resumed as it is", workdir, ARM_SETTINGS)
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(settings, f, indent=1, sort_keys=True)
 
 
 def _comparison_lines(compare: dict[str, Any]) -> list[str]:
