@@ -205,7 +205,7 @@ def test_demo_resumes_without_retraining(demo_run, installed):
   assert again["test_lm"] == report["test_lm"] and again["compare"] == report["compare"]
 
 
-def test_demo_refuses_to_resume_an_arm_trained_with_other_settings(demo_run, installed, tmp_path):
+def test_demo_refuses_to_resume_a_run_trained_with_other_settings(demo_run, installed, tmp_path):
   """A finished arm whose recorded settings differ from the config's (here: as if trained before its
   config had speed perturbation) is not reused silently: the demo stops, names the folder and the
   changed setting, and deletes nothing. A run folder moved with its corpus still resumes."""
@@ -213,7 +213,7 @@ def test_demo_refuses_to_resume_an_arm_trained_with_other_settings(demo_run, ins
   copy = tmp_path / "moved"
   for folder in ("run", "corpus"):
     shutil.copytree(root / folder, copy / folder)
-  settings_path = copy / "run" / "finetune_scratch" / demo.ARM_SETTINGS
+  settings_path = copy / "run" / "finetune_scratch" / demo.RUN_SETTINGS
   settings = json.loads(settings_path.read_text())
   assert settings["data.augment.speed_prob"] == 0.5 and settings["split"] == "train_0.5m"
   assert settings["pretrained_init"] is False and "init" not in settings
@@ -229,8 +229,11 @@ def test_demo_refuses_to_resume_an_arm_trained_with_other_settings(demo_run, ins
   assert "finetune_scratch was trained with other settings (data.augment.speed_prob: 0.0 -> 0.5)" in proc.stderr
   assert {p.relative_to(arm): p.read_bytes() for p in arm.rglob("*") if p.is_file()} == before
   assert (copy / "run" / "report.json").read_bytes() == report_before      # no new report was written
-  # The main arm before it resumed from the moved folder: its settings matched (paths are not compared).
-  assert (copy / "run" / "finetune" / demo.ARM_SETTINGS).exists() and "run/finetune was trained" not in proc.stderr
+  # Pretraining and the main arm before it resumed from the moved folder: their settings matched (paths
+  # are not compared).
+  for stage in ("pretrain", "finetune"):
+    assert (copy / "run" / stage / demo.RUN_SETTINGS).exists() and f"run/{stage} was trained" not in proc.stderr
+  assert json.loads((copy / "run" / "pretrain" / demo.RUN_SETTINGS).read_text())["split"] == "pretrain"
 
 
 def test_demo_cli_rejects_bad_scale(tmp_path):

@@ -22,7 +22,7 @@
                  report.md / report.json in the run folder.
 
 Every stage resumes: a killed demo picks up where it stopped (checkpoints, finished corpus files); a
-fine-tuning arm's folder records its settings, and one trained with other settings is refused.
+training stage's folder records its settings, and one trained with other settings is refused.
 `scale` multiplies the number of updates of every training stage.
 """
 from __future__ import annotations
@@ -95,6 +95,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   pre_dir = os.path.join(out_dir, "pretrain")
   start = _stage(f"2/5 pretraining: {pre_cfg.train.steps} updates of {pre_cfg.batch.global_seconds:g} s of audio "
                  f"(train{' + unlabeled' if unlabeled_hours else ''}) -> {pre_dir}", say)
+  _check_run_settings(pre_cfg, "pretrain", pre_dir)
   loop.pretrain(pre_cfg, pre_dir)
   times["pretrain"] = time.monotonic() - start
   records = plots.read_jsonl(os.path.join(pre_dir, "metrics.jsonl"))
@@ -220,7 +221,7 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
   cfg.train.seed = cfg.data.seed = seed
   cfg.train.best_metric = "cer"      # every arm exports by the same measure, the one compared
   _stage(f"{title} ({config_name}, {cfg.train.steps} updates) -> {workdir}", say)
-  _check_arm_settings(cfg, split, workdir)
+  _check_run_settings(cfg, split, workdir)
   loop.finetune(cfg, workdir)
   with open(os.path.join(workdir, "best.json")) as f:
     best = json.load(f)
@@ -233,7 +234,7 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
   return {"dir": workdir, "summary": summary}
 
 
-ARM_SETTINGS = "demo_arm_settings.json"     # in each arm's workdir: what it was trained with
+RUN_SETTINGS = "demo_run_settings.json"     # in each training stage's workdir: what it was trained with
 PATH_FIELDS = ("init", "data.train_manifest", "data.valid_manifest")   # recorded as the split / init kind
 
 
@@ -247,15 +248,18 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _check_arm_settings(cfg, split: str, workdir: str) -> None:
-  """Records an arm's settings in workdir/ARM_SETTINGS when it starts; when the demo resumes the arm,
-  raises ValueError if the recorded settings differ from `cfg`'s (a finished arm would otherwise be
-  reused as it is after a config change, e.g. a new version of the package). Paths are left out (a run
-  folder moved with its corpus still matches): the split's name and whether there is an init stand for them.
-  A workdir with checkpoints but no record (a demo of an earlier version) is resumed with a warning."""
+def _check_run_settings(cfg, split: str, workdir: str) -> None:
+  """Records a training stage's settings (pretraining, or one fine-tuning arm) in workdir/RUN_SETTINGS
+  when it starts; when the demo resumes it, raises ValueError if the recorded settings differ from
+  `cfg`'s (a finished run would otherwise be reused as it is after a config change, e.g. a new version
+  of the package). Paths are left out (a run folder moved with its corpus still matches): the split's
+  name and whether there is an init stand for them. A workdir with checkpoints but no record (a demo of
+  an earlier version) is resumed with a warning."""
   settings = {k: v for k, v in _flat(json.loads(cfg.to_json_best_effort())).items() if k not in PATH_FIELDS}
-  settings.update({"split": split, "pretrained_init": bool(cfg.init)})
-  path = os.path.join(workdir, ARM_SETTINGS)
+  settings["split"] = split
+  if "init" in cfg:
+    settings["pretrained_init"] = bool(cfg.init)
+  path = os.path.join(workdir, RUN_SETTINGS)
   if os.path.exists(path):
     with open(path) as f:
       recorded = json.load(f)
@@ -266,7 +270,7 @@ def _check_arm_settings(cfg, split: str, workdir: str) -> None:
                        "train this arm again, or give the demo another --out")
     return
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    log.warning("%s has checkpoints but no record of its settings (%s): resumed as it is", workdir, ARM_SETTINGS)
+    log.warning("%s has checkpoints but no record of its settings (%s): resumed as it is", workdir, RUN_SETTINGS)
     return
   os.makedirs(workdir, exist_ok=True)
   with open(path, "w") as f:
