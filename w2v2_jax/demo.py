@@ -266,8 +266,8 @@ def _check_run_settings(cfg, split: str, workdir: str) -> None:
     changed = [f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(recorded) | set(settings))
                if recorded.get(k) != settings.get(k)]
     if changed:
-      raise ValueError(f"{workdir} was trained with other settings ({'; '.join(changed)}); delete that folder to "
-                       "train this arm again, or give the demo another --out")
+      raise ValueError(f"{workdir} was trained with other settings ({'; '.join(changed)}); delete that folder to train "
+                       "it again, or give the demo another --out")
     return
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     log.warning("%s has checkpoints but no record of its settings (%s): resumed as it is", workdir, RUN_SETTINGS)
