@@ -238,16 +238,6 @@ RUN_SETTINGS = "demo_run_settings.json"     # in each training stage's workdir: 
 PATH_FIELDS = ("init", "data.train_manifest", "data.valid_manifest")   # recorded as the split / init kind
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _check_run_settings(cfg, split: str, workdir: str) -> None:
   """Records a training stage's settings (pretraining, or one fine-tuning arm) in workdir/RUN_SETTINGS
   when it starts; when the demo resumes it, raises ValueError if the recorded settings differ from
@@ -255,7 +245,9 @@ def _check_run_settings(cfg, split: str, workdir: str) -> None:
   of the package). Paths are left out (a run folder moved with its corpus still matches): the split's
   name and whether there is an init stand for them. A workdir with checkpoints but no record (a demo of
   an earlier version) is resumed with a warning."""
-  settings = {k: v for k, v in _flat(json.loads(cfg.to_json_best_effort())).items() if k not in PATH_FIELDS}
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  flat = traverse_util.flatten_dict(json.loads(cfg.to_json_best_effort()), sep=".")
+  settings = {k: v for k, v in flat.items() if k not in PATH_FIELDS}
   settings["split"] = split
   if "init" in cfg:
     settings["pretrained_init"] = bool(cfg.init)
