@@ -161,10 +161,11 @@ def test_demo_compares_pretrained_with_random_initialisation(demo_run):
   assert cmp["pretrained"]["test_cer"] == report["test"]["cer"]
   # Both arms of a pair hear the same augmentation (the demo configs' speed perturbation); the probes read the
   # audio as it is.
-  assert cmp["pretrained"]["augment"] == cmp["scratch"]["augment"] == {"speed_prob": 0.5}
-  assert cmp["pretrained_low"]["augment"] == cmp["scratch_low"]["augment"] == {"speed_prob": 0.5}
+  speed = {"speed": {"prob": 0.5, "speed": [0.9, 1.1]}}
+  assert cmp["pretrained"]["augment"] == cmp["scratch"]["augment"] == speed
+  assert cmp["pretrained_low"]["augment"] == cmp["scratch_low"]["augment"] == speed
   assert cmp["probe"]["augment"] == cmp["probe_random"]["augment"] == {}
-  assert any(line.startswith("fine-tuning (small_1h on train_0.5m, waveform augmentation speed_prob 0.5)")
+  assert any(line.startswith("fine-tuning (small_1h on train_0.5m, waveform augmentation speed p=0.5 (0.9-1.1))")
              for line in lines)
   for arm in ("scratch", "pretrained_low", "scratch_low", "probe", "probe_random"):
     rows = cmp[arm]["test_by_voice"]
@@ -234,6 +235,33 @@ def test_demo_refuses_to_resume_a_run_trained_with_other_settings(demo_run, inst
   for stage in ("pretrain", "finetune"):
     assert (copy / "run" / stage / demo.RUN_SETTINGS).exists() and f"run/{stage} was trained" not in proc.stderr
   assert json.loads((copy / "run" / "pretrain" / demo.RUN_SETTINGS).read_text())["split"] == "pretrain"
+
+
+def test_an_arm_is_not_reused_after_its_pretraining_changed(tmp_path):
+  """A fine-tuning arm records which pretraining it started from (a hash of that run's own settings
+  record): after the pretraining folder is trained again with other settings, resuming the arm raises
+  and names the change; an arm from random initialisation does not depend on it."""
+  from w2v2_jax import configs  # pylint: disable=import-outside-toplevel
+  pre_cfg, arm_cfg = configs.get("pretrain", "small"), configs.get("finetune", "small_10m")
+  pre, arm, scratch = tmp_path / "pretrain", tmp_path / "finetune_low", tmp_path / "finetune_low_scratch"
+  arm_cfg.init = str(pre)
+  demo._check_run_settings(pre_cfg, "pretrain", str(pre))
+  demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+  recorded = json.loads((arm / demo.RUN_SETTINGS).read_text())["pretrained_init"]
+  assert re.fullmatch(r"sha256:[0-9a-f]{16}", recorded)
+  scratch_cfg = configs.get("finetune", "small_10m")
+  demo._check_run_settings(scratch_cfg, "train_10m", str(scratch))
+  demo._check_run_settings(arm_cfg, "train_10m", str(arm))           # the same pretraining: resumes
+  shutil.rmtree(pre)                                                  # pretraining trained again, longer
+  pre_cfg.train.steps += 1000
+  demo._check_run_settings(pre_cfg, "pretrain", str(pre))
+  with pytest.raises(ValueError, match=rf"finetune_low was trained with other settings \(pretrained_init: "
+                                       rf"'{recorded}' -> 'sha256:[0-9a-f]{{16}}'\)"):
+    demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+  demo._check_run_settings(scratch_cfg, "train_10m", str(scratch))   # random init: unaffected
+  # A pretraining run without a record (an earlier demo's) is recorded as True, as earlier arms recorded it.
+  (pre / demo.RUN_SETTINGS).unlink()
+  assert demo._pretrained_id(str(pre)) is True
 
 
 def test_demo_cli_rejects_bad_scale(tmp_path):

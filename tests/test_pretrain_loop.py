@@ -1,6 +1,7 @@
 """The pretraining job end to end on CPU: the CLI on a manifest, SIGTERM (preemption) saves and exits
 cleanly, and a resumed run reaches bit-identical params to an uninterrupted one."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -78,7 +79,7 @@ def read_params(workdir, step):
   return restored["params"]
 
 
-def test_sigterm_saves_and_resume_is_exact(manifest, tmp_path):
+def test_sigterm_saves_and_resume_is_exact(manifest, tmp_path, caplog):
   # 1. The CLI, preempted: SIGTERM once a few updates are logged.
   killed = str(tmp_path / "killed")
   cmd = [sys.executable, "-m", "w2v2_jax.cli", "pretrain", "--config=pretrain:tiny",
@@ -97,8 +98,10 @@ def test_sigterm_saves_and_resume_is_exact(manifest, tmp_path):
   assert stopped is not None and 3 <= stopped < STEPS, (stopped, output[-2000:])
   assert "stop requested" in output
 
-  # 2. Resume the same workdir to the end, in this process.
-  last = loop.pretrain(config(manifest), killed)
+  # 2. Resume the same workdir to the end, in this process: the same settings, so no warning about them.
+  with caplog.at_level(logging.WARNING, logger="w2v2_jax.train.loop"):
+    last = loop.pretrain(config(manifest), killed)
+  assert "settings that differ" not in caplog.text
   assert checkpoint.Checkpointer(killed).latest_step() == STEPS
   logged = [json.loads(line) for line in open(metrics_file)]
   assert [m["step"] for m in logged][-1] == STEPS and np.isfinite(last["loss"])
@@ -109,6 +112,16 @@ def test_sigterm_saves_and_resume_is_exact(manifest, tmp_path):
   a, b = read_params(killed, STEPS), read_params(straight, STEPS)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+  # 4. Resuming a run with other settings than its checkpoint's says which (the finished run takes no
+  # update, its checkpoint stays).
+  changed = config(manifest)
+  changed.optim.lr *= 2
+  with caplog.at_level(logging.WARNING, logger="w2v2_jax.train.loop"):
+    loop.pretrain(changed, straight)
+  assert f"resuming from step {STEPS} with settings that differ" in caplog.text
+  assert f"optim.lr: {changed.optim.lr / 2!r} -> {changed.optim.lr!r}" in caplog.text
+  assert checkpoint.Checkpointer(straight).all_steps()[-1] == STEPS
 
 
 def test_contrastive_loss_leaves_chance_and_no_collapse(manifest, tmp_path):

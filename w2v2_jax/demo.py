@@ -27,6 +27,7 @@ training stage's folder records its settings, and one trained with other setting
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -199,6 +200,7 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
   backbone's last layer encodes.
   Returns {"dir", "summary"}; the model of the lowest valid CER is exported to workdir/export.
   """
+  from w2v2_jax.data import augment  # pylint: disable=import-outside-toplevel
   from w2v2_jax.train import loop  # pylint: disable=import-outside-toplevel
   cfg = packaged.get("finetune", config_name)
   cfg.init = init
@@ -214,8 +216,7 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
     cfg.train.freeze_updates = cfg.train.steps
     cfg.model.mask_prob = cfg.model.mask_channel_prob = cfg.model.feature_grad_mult = 0.0
     cfg.model.activation_dropout = 0.0     # the probe reads the features as they are ...
-    for field in [k for k in cfg.data.augment.keys() if k.endswith("_prob")]:
-      cfg.data.augment[field] = 0.0        # ... of the audio as it is
+    cfg.data.augment = augment.config_dict()   # ... of the audio as it is (every transform off)
     cfg.optim.lr = PROBE_LR
   cfg.train.eval_every = max(1, min(cfg.train.eval_every, cfg.train.steps // 4))
   cfg.train.seed = cfg.data.seed = seed
@@ -228,7 +229,7 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
   valid = plots.read_jsonl(os.path.join(workdir, "valid.jsonl"))
   summary = {"config": config_name, "split": split, "init": "pretrained" if init else "random",
              "probe": probe, "updates": int(cfg.train.steps), "best_step": best["step"],
-             "augment": {k: v for k, v in cfg.data.augment.items() if k.endswith("_prob") and v > 0},
+             "augment": augment.describe(augment.AugmentConfig.from_any(cfg.data.augment)),
              "valid_wer": round(best["wer"], 4), "valid_cer": round(best["cer"], 4),
              "valid_cer_curve": {int(r["step"]): round(float(r["valid/cer"]), 4) for r in valid}}
   return {"dir": workdir, "summary": summary}
@@ -238,25 +239,35 @@ RUN_SETTINGS = "demo_run_settings.json"     # in each training stage's workdir: 
 PATH_FIELDS = ("init", "data.train_manifest", "data.valid_manifest")   # recorded as the split / init kind
 
 
+def _pretrained_id(init: str) -> Any:
+  """Which pretraining a fine-tuning arm starts from: "sha256:<16 hex>" of the pretraining run's own
+  RUN_SETTINGS record, so that an arm trained from an earlier pretraining (its folder deleted and trained
+  again with other settings) is not reused; True where that run has no record (an earlier demo's)."""
+  path = os.path.join(init, RUN_SETTINGS)
+  if not os.path.isfile(path):
+    return True
+  with open(path, "rb") as f:
+    return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def _check_run_settings(cfg, split: str, workdir: str) -> None:
   """Records a training stage's settings (pretraining, or one fine-tuning arm) in workdir/RUN_SETTINGS
   when it starts; when the demo resumes it, raises ValueError if the recorded settings differ from
   `cfg`'s (a finished run would otherwise be reused as it is after a config change, e.g. a new version
   of the package). Paths are left out (a run folder moved with its corpus still matches): the split's
-  name and whether there is an init stand for them. A workdir with checkpoints but no record (a demo of
-  an earlier version) is resumed with a warning."""
+  name and, for a fine-tuning arm, which pretraining it starts from (`_pretrained_id`) stand for them. A
+  workdir with checkpoints but no record (a demo of an earlier version) is resumed with a warning."""
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
   flat = traverse_util.flatten_dict(json.loads(cfg.to_json_best_effort()), sep=".")
   settings = {k: v for k, v in flat.items() if k not in PATH_FIELDS}
   settings["split"] = split
   if "init" in cfg:
-    settings["pretrained_init"] = bool(cfg.init)
+    settings["pretrained_init"] = _pretrained_id(cfg.init) if cfg.init else False
   path = os.path.join(workdir, RUN_SETTINGS)
   if os.path.exists(path):
     with open(path) as f:
       recorded = json.load(f)
-    changed = [f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(recorded) | set(settings))
-               if recorded.get(k) != settings.get(k)]
+    changed = packaged.differences(recorded, settings)
     if changed:
       raise ValueError(f"{workdir} was trained with other settings ({'; '.join(changed)}); delete that folder to train "
                        "it again, or give the demo another --out")
@@ -288,9 +299,13 @@ def _by_voice(hypotheses_tsv: str, corpus_dir: str, voices: dict[str, str]) -> l
           for r in by_voice.error_rates(hypotheses_tsv, corpus_dir, voices)]
 
 
-def _augment_words(augment: Optional[dict[str, float]]) -> str:
-  """", waveform augmentation speed_prob 0.5" for an arm's enabled transforms; "" for none."""
-  return ", waveform augmentation " + ", ".join(f"{k} {v:g}" for k, v in augment.items()) if augment else ""
+def _augment_words(transforms: Optional[dict[str, dict[str, Any]]]) -> str:
+  """", waveform augmentation speed p=0.5 (0.9-1.1)" for an arm's enabled transforms (`augment.describe`,
+  e.g. "reverb p=0.2 (rt60 0.15-0.8, drr 0-12)"); "" for none."""
+  def ranges(name: str, spec: dict[str, Any]) -> str:
+    return ", ".join(("" if k == name else f"{k} ") + f"{v[0]:g}-{v[1]:g}" for k, v in spec.items() if k != "prob")
+  return (", waveform augmentation " + ", ".join(f"{name} p={spec['prob']:g} ({ranges(name, spec)})"
+                                                 for name, spec in transforms.items())) if transforms else ""
 
 
 def _voice_line(what: str, rows: list[dict[str, Any]]) -> str:

@@ -6,13 +6,14 @@
 
 On the command line a config is `NAME:ARG` (one of the files above, e.g. `finetune:base_10m`) or, for a
 config file of your own, `PATH.py:ARG` (ml_collections' config-file flag). `resolve` maps the first form
-to the file inside the package; `get(NAME, ARG)` returns the ConfigDict in Python.
+to the file inside the package; `get(NAME, ARG)` returns the ConfigDict in Python; `differences` lists
+what changed between two run configs.
 """
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+from typing import Any, Mapping
 
 NAMES = ("pretrain", "finetune", "model")
 
@@ -38,3 +39,15 @@ def get(name: str, arg: str | None = None) -> Any:
   path(name)     # the name check
   module = importlib.import_module(f"w2v2_jax.configs.{name}")
   return module.get_config() if arg is None else module.get_config(arg)
+
+
+def differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+  """Every setting that differs between two run configs, as "dotted.key: before -> after", sorted.
+
+  Both are nested mappings (e.g. `json.loads(cfg.to_json_best_effort())`) or already flat with dotted
+  keys; a setting present in one only shows None on the other side. Compare configs that went through
+  the same encoding (JSON: tuples are lists)."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  a = traverse_util.flatten_dict(dict(before), sep=".")
+  b = traverse_util.flatten_dict(dict(after), sep=".")
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

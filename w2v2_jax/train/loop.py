@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from w2v2_jax import models, plots, storage
+from w2v2_jax import configs as packaged_configs, models, plots, storage
 from w2v2_jax.data import augment as augment_lib
 from w2v2_jax.data import pipeline
 from w2v2_jax.models.config import ModelConfig
@@ -114,6 +114,18 @@ def _config_json(config: Any) -> str:
   return config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else json.dumps(config)
 
 
+def _warn_if_settings_changed(saved: Optional[Any], config_json: str, workdir: str, step: int) -> None:
+  """Logs a warning naming every setting in which the resumed run's config differs from the one saved
+  with its checkpoint (e.g. a new lr, or a package update's new defaults). Resuming goes on: a longer
+  train.steps or another eval_every is a deliberate change; a silent one is not."""
+  if saved is None:
+    return
+  changed = packaged_configs.differences(saved, json.loads(config_json))
+  if changed:
+    log.warning("%s: resuming from step %d with settings that differ from those its checkpoint was saved with: "
+                "%s", workdir, step, "; ".join(changed))
+
+
 def _run(config: Any, workdir: str, *, step_fn: Callable, params: Any, tx, iterator, to_step_batch: Callable,
          max_steps: Optional[int], sum_keys: Tuple[str, ...], decorate: Callable = lambda values: None,
          after_step: Callable = lambda step, state, runner: None) -> Dict[str, float]:
@@ -143,6 +155,8 @@ def _run(config: Any, workdir: str, *, step_fn: Callable, params: Any, tx, itera
   if runner.mode == "pmap":
     state = runner.put_state(state)
   config_json = _config_json(config)
+  if resume:
+    _warn_if_settings_changed(ckpt.restore_config(start), config_json, workdir, start)
   writer = metrics_lib.MetricsWriter(workdir, total_steps=total, log_every=config.train.log_every,
                                      is_primary=jax.process_index() == 0, initial_step=start)
   averager = metrics_lib.Averager(sum_keys=("audio_samples",) + pipeline.STAT_KEYS + tuple(sum_keys))
