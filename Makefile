@@ -60,7 +60,7 @@ bench: $(STAMP)
 
 # make demo [SCALE=0.3] [HOURS=1] [UNLABELED=1] [SEED=0] [COMPARE=1]: SCALE multiplies the training updates
 # (1: about 41 min on 2 cores); UNLABELED: hours of audio only pretraining hears (default: HOURS); COMPARE=1
-# adds the baselines (random initialisation, 10 labeled minutes, probes: about 70 min more).
+# adds the baselines (random initialisation, 10 labeled minutes, probes: about 70 min more on 2 cores).
 SCALE ?= 1
 HOURS ?= 1
 UNLABELED ?=
