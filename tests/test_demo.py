@@ -241,15 +241,13 @@ def test_an_arm_is_not_reused_after_its_pretraining_changed(tmp_path):
   """A fine-tuning arm records which pretraining it started from (a hash of that run's own settings
   record): after the pretraining folder is trained again with other settings, resuming the arm raises
   and names the change; an arm from random initialisation does not depend on it."""
-  from w2v2_jax import configs  # pylint: disable=import-outside-toplevel
-  pre_cfg, arm_cfg = configs.get("pretrain", "small"), configs.get("finetune", "small_10m")
+  pre_cfg, arm_cfg, scratch_cfg = _configs_reading_manifests(tmp_path)
   pre, arm, scratch = tmp_path / "pretrain", tmp_path / "finetune_low", tmp_path / "finetune_low_scratch"
   arm_cfg.init = str(pre)
   demo._check_run_settings(pre_cfg, "pretrain", str(pre))
   demo._check_run_settings(arm_cfg, "train_10m", str(arm))
   recorded = json.loads((arm / demo.RUN_SETTINGS).read_text())["pretrained_init"]
   assert re.fullmatch(r"sha256:[0-9a-f]{16}", recorded)
-  scratch_cfg = configs.get("finetune", "small_10m")
   demo._check_run_settings(scratch_cfg, "train_10m", str(scratch))
   demo._check_run_settings(arm_cfg, "train_10m", str(arm))           # the same pretraining: resumes
   shutil.rmtree(pre)                                                  # pretraining trained again, longer
@@ -262,6 +260,56 @@ def test_an_arm_is_not_reused_after_its_pretraining_changed(tmp_path):
   # A pretraining run without a record (an earlier demo's) is recorded as True, as earlier arms recorded it.
   (pre / demo.RUN_SETTINGS).unlink()
   assert demo._pretrained_id(str(pre)) is True
+
+
+def _configs_reading_manifests(tmp_path):
+  """(pretrain:small, finetune:small_10m, finetune:small_10m) configs reading small manifests and
+  transcripts written under tmp_path/corpus (the second fine-tuning config for a random-init arm)."""
+  from w2v2_jax import configs  # pylint: disable=import-outside-toplevel
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for split, lines in (("pretrain", ["train/a.flac\t16000", "unlabeled/b.flac\t32000"]),
+                       ("train_10m", ["train/a.flac\t16000"]), ("valid", ["valid/c.flac\t24000"])):
+    (corpus / f"{split}.tsv").write_text("\n".join([str(corpus / "audio")] + lines) + "\n")
+  (corpus / "train_10m.ltr").write_text("I N | T H E |\n")
+  (corpus / "valid.ltr").write_text("A N D |\n")
+  pre_cfg = configs.get("pretrain", "small")
+  pre_cfg.data.train_manifest = str(corpus / "pretrain.tsv")
+  arms = []
+  for _ in range(2):
+    cfg = configs.get("finetune", "small_10m")
+    cfg.data.train_manifest, cfg.data.valid_manifest = str(corpus / "train_10m.tsv"), str(corpus / "valid.tsv")
+    arms.append(cfg)
+  return pre_cfg, *arms
+
+
+def test_a_run_is_not_reused_after_its_corpus_was_replanned(tmp_path):
+  """The records hold the identity of the audio and transcripts a stage trains and validates on (its
+  manifests and .ltr files without the root folder): the same corpus moved elsewhere still matches; a
+  corpus re-planned in place (the same split names, other utterances or transcripts) does not."""
+  pre_cfg, arm_cfg, _ = _configs_reading_manifests(tmp_path)
+  pre, arm = tmp_path / "pretrain", tmp_path / "finetune_low"
+  demo._check_run_settings(pre_cfg, "pretrain", str(pre))
+  demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+  recorded = json.loads((arm / demo.RUN_SETTINGS).read_text())
+  assert re.fullmatch(r"sha256:[0-9a-f]{16}", recorded["train_data"])
+  assert re.fullmatch(r"sha256:[0-9a-f]{16}", recorded["valid_data"])
+  corpus = tmp_path / "corpus"
+  moved = tmp_path / "moved"
+  shutil.copytree(corpus, moved)
+  for name in ("pretrain.tsv", "train_10m.tsv", "valid.tsv"):    # the same corpus under another root
+    lines = (moved / name).read_text().splitlines()
+    (moved / name).write_text("\n".join([str(moved / "audio")] + lines[1:]) + "\n")
+  pre_cfg.data.train_manifest = str(moved / "pretrain.tsv")
+  arm_cfg.data.train_manifest, arm_cfg.data.valid_manifest = str(moved / "train_10m.tsv"), str(moved / "valid.tsv")
+  demo._check_run_settings(pre_cfg, "pretrain", str(pre))
+  demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+  (moved / "pretrain.tsv").write_text((moved / "pretrain.tsv").read_text().replace("32000", "32480"))
+  with pytest.raises(ValueError, match=r"pretrain was trained with other settings \(train_data: 'sha256:"):
+    demo._check_run_settings(pre_cfg, "pretrain", str(pre))
+  (moved / "train_10m.ltr").write_text("I N | T H E M |\n")              # other transcripts, same audio list
+  with pytest.raises(ValueError, match=r"finetune_low was trained with other settings \(train_data: 'sha256:"):
+    demo._check_run_settings(arm_cfg, "train_10m", str(arm))
 
 
 def test_demo_cli_rejects_bad_scale(tmp_path):

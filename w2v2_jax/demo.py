@@ -250,17 +250,36 @@ def _pretrained_id(init: str) -> Any:
     return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def _data_id(manifest_path: str) -> str:
+  """Which audio and transcripts a manifest names: "sha256:<16 hex>" of its lines after the root (the
+  relative paths and lengths) and of its .ltr transcripts where there are any. A corpus folder re-planned
+  in place (`make-corpus` with other hours, seed or engines) keeps its split names, and its paths for
+  the most part, but not this."""
+  digest = hashlib.sha256()
+  with open(manifest_path, "rb") as f:
+    digest.update(b"".join(f.readlines()[1:]))
+  transcripts = os.path.splitext(manifest_path)[0] + ".ltr"
+  if os.path.isfile(transcripts):
+    with open(transcripts, "rb") as f:
+      digest.update(f.read())
+  return "sha256:" + digest.hexdigest()[:16]
+
+
 def _check_run_settings(cfg, split: str, workdir: str) -> None:
   """Records a training stage's settings (pretraining, or one fine-tuning arm) in workdir/RUN_SETTINGS
   when it starts; when the demo resumes it, raises ValueError if the recorded settings differ from
   `cfg`'s (a finished run would otherwise be reused as it is after a config change, e.g. a new version
   of the package). Paths are left out (a run folder moved with its corpus still matches): the split's
-  name and, for a fine-tuning arm, which pretraining it starts from (`_pretrained_id`) stand for them. A
-  workdir with checkpoints but no record (a demo of an earlier version) is resumed with a warning."""
+  name and the identity of its training and validation data (`_data_id`) and, for a fine-tuning arm,
+  which pretraining it starts from (`_pretrained_id`) stand for them. A workdir with checkpoints but no
+  record (a demo of an earlier version) is resumed with a warning."""
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
   flat = traverse_util.flatten_dict(json.loads(cfg.to_json_best_effort()), sep=".")
   settings = {k: v for k, v in flat.items() if k not in PATH_FIELDS}
   settings["split"] = split
+  settings["train_data"] = _data_id(cfg.data.train_manifest)
+  if cfg.data.get("valid_manifest"):
+    settings["valid_data"] = _data_id(cfg.data.valid_manifest)
   if "init" in cfg:
     settings["pretrained_init"] = _pretrained_id(cfg.init) if cfg.init else False
   path = os.path.join(workdir, RUN_SETTINGS)
