@@ -12,12 +12,6 @@ TTS_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k fest
 FESTIVAL_VOICES := /usr/share/festival/voices
 TTS_VOICE_DIRS := $(addprefix $(FESTIVAL_VOICES)/,us/cmu_us_slt_arctic_hts catalan/upc_ca_ona_hts czech/czech_dita \
   czech/czech_machac finnish/suo_fi_lj_diphone finnish/hy_fi_mv_diphone italian/lp_diphone italian/pc_diphone)
-# Five more recorded English speakers for the train split: MBROLA's diphone voices (spoken through
-# espeak-ng) and festival's rab. Debian has them in contrib / non-free and Ubuntu in multiverse, which
-# `corpus-deps` enables when apt does not know the packages (tools/apt_voice_sources.sh).
-# The MBROLA voices' licence allows non-commercial use only.
-VOICE_PACKAGES := mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 festvox-rablpc16k
-VOICE_PATHS := $(foreach v,us1 us2 us3 en1,/usr/share/mbrola/$(v)/$(v)) $(FESTIVAL_VOICES)/english/rab_diphone
 
 .PHONY: install corpus-deps test-deps test demo bench clean
 
@@ -52,8 +46,7 @@ define apt_install
 endef
 
 corpus-deps:
-	@for path in $(VOICE_PATHS); do [ -e $$path ] || { sh tools/apt_voice_sources.sh; break; }; done
-	$(call apt_install,espeak-ng flite text2wave sox bible mbrola,$(TTS_PACKAGES) $(VOICE_PACKAGES),corpus-deps,$(TTS_VOICE_DIRS) $(VOICE_PATHS))
+	$(call apt_install,espeak-ng flite text2wave sox bible,$(TTS_PACKAGES),corpus-deps,$(TTS_VOICE_DIRS))
 
 # The tests run the audio fallback decoder (librosa -> audioread -> ffmpeg) for real, as on Colab.
 test-deps:

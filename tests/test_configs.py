@@ -102,10 +102,10 @@ def test_readme_layout_names_every_module_and_folder():
   missing = [str(p.relative_to(root)) for p in sorted((root / "w2v2_jax").rglob("*.py"))
              if p.name != "__init__.py" and p.name not in layout]
   missing += [f"{d}/" for d in ("w2v2_jax/models", "w2v2_jax/data", "w2v2_jax/train", "w2v2_jax/configs",
-                                "w2v2_jax/corpus", "launch", "notebooks", "benchmarks", "docs", "tests", "tools")
+                                "w2v2_jax/corpus", "launch", "notebooks", "benchmarks", "docs", "tests")
               if f"{d}/" not in layout]
   missing += [p.name for p in (root / "docs").glob("*.md") if p.name not in layout]
-  missing += [p.name for folder in ("launch", "tools") for p in (root / folder).iterdir() if p.name not in layout]
+  missing += [p.name for p in (root / "launch").iterdir() if p.name not in layout]
   missing += [p.name for p in (root / "benchmarks").glob("*.py") if p.name not in layout]
   assert not missing, missing
   for name in layout.split():                   # nothing named there that is gone

@@ -6,12 +6,10 @@ so a test error measures generalisation to unseen speakers:
   espeak-ng  ~50 timbre variants (m1..m8, f1..f5, klatt*, named ones) x 8 English accents; the
              accent is drawn per utterance, the variant (the speaker) belongs to one split.
   flite      kal, kal16, awb (train), rms (valid), slt (test).
-  festival   kal_diphone, ked_diphone, rab_diphone (train), cmu_us_slt_arctic_hts (test: the same CMU
-             speaker "slt" as flite's slt, so both sit in test).
-  pico       SVOX Pico's en-US and en-GB voices (train; both female: `pico`).
-  mbrola     MBROLA's diphone voices us1 (female), us2, us3 (male, US) and en1 (male, British), spoken
-             through espeak-ng (`espeak-ng -v mb-us1`); train. Debian has them in contrib / non-free
-             (`make corpus-deps` enables those components); their licence allows non-commercial use.
+  festival   kal_diphone, ked_diphone (train), cmu_us_slt_arctic_hts (test: the same CMU speaker
+             "slt" as flite's slt, so both sit in test).
+  pico       SVOX Pico's en-US and en-GB voices (train; both female, the only natural-sounding
+             female English voices the training split can have: `pico`).
 """
 from __future__ import annotations
 
@@ -35,11 +33,8 @@ ESPEAK_VARIANTS = {
     "test": ("m4", "m6", "f4", "klatt3", "Alicia", "grandma", "shelby"),
 }
 FLITE_VOICES = {"train": ("kal", "kal16", "awb"), "valid": ("rms",), "test": ("slt",)}
-FESTIVAL_VOICES = {"train": ("kal_diphone", "ked_diphone", "rab_diphone"), "valid": (),
-                   "test": ("cmu_us_slt_arctic_hts",)}
+FESTIVAL_VOICES = {"train": ("kal_diphone", "ked_diphone"), "valid": (), "test": ("cmu_us_slt_arctic_hts",)}
 PICO_VOICES = {"train": pico.VOICES, "valid": (), "test": ()}
-MBROLA_VOICES = {"train": ("us1", "us2", "us3", "en1"), "valid": (), "test": ()}
-MBROLA_DIR = "/usr/share/mbrola"     # where Debian's mbrola-<voice> packages put <voice>/<voice>
 # Festival voice -> the Debian package that holds it (voices of other languages: the unlabeled split).
 UNLABELED_VOICES = {
     "upc_ca_ona_hts": "festvox-ca-ona-hts",        # Catalan, female (HTS, as the test voice slt)
@@ -53,17 +48,16 @@ UNLABELED_VOICES = {
 FESTIVAL_VOICE_DIRS = ("/usr/share/festival/voices", "/usr/lib/festival/voices")
 # Share of utterances per engine (renormalised over the engines a split has: valid and test, which have
 # no Pico voice, keep 0.7 / 0.2 / 0.1).
-ENGINE_WEIGHTS = {"espeak-ng": 0.7, "flite": 0.2, "festival": 0.1, "pico": 0.15, "mbrola": 0.15}
-ENGINE_PROGRAMS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave", "pico": None,
-                   "mbrola": "mbrola"}
+ENGINE_WEIGHTS = {"espeak-ng": 0.7, "flite": 0.2, "festival": 0.1, "pico": 0.15}
+ENGINE_PROGRAMS = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "text2wave", "pico": None}
 
 SPLITS = ("train", "valid", "test")
 
 
 @dataclasses.dataclass(frozen=True)
 class Voice:
-  engine: str     # espeak-ng | flite | festival | pico | mbrola
-  name: str       # espeak variant, flite, festival, Pico or MBROLA voice
+  engine: str     # espeak-ng | flite | festival | pico
+  name: str       # espeak variant, flite, festival or Pico voice
   split: str      # train | valid | test
 
 
@@ -87,21 +81,13 @@ def available_engines(requested=tuple(ENGINE_WEIGHTS)) -> tuple[str, ...]:
 
 
 def engine_installed(engine: str) -> bool:
-  """Whether `engine` can render: its program on PATH (Pico: the `ttspico` Python module; MBROLA: the
-  `mbrola` program, espeak-ng, which drives it, and every one of its voices, so that the plan never uses
-  some of them)."""
-  if engine == "pico":
-    return pico.installed()
-  if engine == "mbrola":
-    return (shutil.which("mbrola") is not None and shutil.which("espeak-ng") is not None
-            and all(os.path.isfile(os.path.join(MBROLA_DIR, v, v)) for split in SPLITS for v in MBROLA_VOICES[split]))
-  return shutil.which(ENGINE_PROGRAMS[engine]) is not None
+  """Whether `engine` can render: its program on PATH (Pico: the `ttspico` Python module)."""
+  return pico.installed() if engine == "pico" else shutil.which(ENGINE_PROGRAMS[engine]) is not None
 
 
 def inventory(engines) -> dict[str, list[Voice]]:
   """split -> voices of the given engines."""
-  table = {"espeak-ng": ESPEAK_VARIANTS, "flite": FLITE_VOICES, "festival": FESTIVAL_VOICES, "pico": PICO_VOICES,
-           "mbrola": MBROLA_VOICES}
+  table = {"espeak-ng": ESPEAK_VARIANTS, "flite": FLITE_VOICES, "festival": FESTIVAL_VOICES, "pico": PICO_VOICES}
   out = {split: [] for split in SPLITS}
   for engine in engines:
     for split in SPLITS:
@@ -131,15 +117,12 @@ def unlabeled_voices() -> list[Voice]:
 def command(voice: Voice, text: str, wav_path: str, *, accent: str, speed: int, pitch: int) -> tuple[list, str | None]:
   """(argv, stdin text or None) that writes `text` spoken by `voice` to `wav_path` (engine's own rate).
 
-  accent applies to espeak-ng only; speed (words per minute) and pitch (0..99) to espeak-ng and MBROLA
-  (an MBROLA voice has its own accent). The text goes to
+  accent/speed/pitch apply to espeak-ng only (speed in words per minute, pitch 0..99). The text goes to
   the engine in lower case: espeak-ng spells some all-caps words ("IT" -> "I T", "US" -> "U S")."""
   text = text.lower()
   if voice.engine == "espeak-ng":
     return ["espeak-ng", "-v", f"{accent}+{voice.name}", "-s", str(speed), "-p", str(pitch), "-w", wav_path,
             "--", text], None
-  if voice.engine == "mbrola":
-    return ["espeak-ng", "-v", f"mb-{voice.name}", "-s", str(speed), "-p", str(pitch), "-w", wav_path, "--", text], None
   if voice.engine == "flite":
     return ["flite", "-voice", voice.name, "-t", text, "-o", wav_path], None
   if voice.engine == "festival":
