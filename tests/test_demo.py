@@ -286,7 +286,8 @@ def _configs_reading_manifests(tmp_path):
 def test_a_run_is_not_reused_after_its_corpus_was_replanned(tmp_path):
   """The records hold the identity of the audio and transcripts a stage trains and validates on (its
   manifests and .ltr files without the root folder): the same corpus moved elsewhere still matches; a
-  corpus re-planned in place (the same split names, other utterances or transcripts) does not."""
+  corpus re-planned in place (the same split names, other utterances or transcripts) does not. A record
+  of an earlier version, without it, resumes and is given it."""
   pre_cfg, arm_cfg, _ = _configs_reading_manifests(tmp_path)
   pre, arm = tmp_path / "pretrain", tmp_path / "finetune_low"
   demo._check_run_settings(pre_cfg, "pretrain", str(pre))
@@ -309,6 +310,20 @@ def test_a_run_is_not_reused_after_its_corpus_was_replanned(tmp_path):
     demo._check_run_settings(pre_cfg, "pretrain", str(pre))
   (moved / "train_10m.ltr").write_text("I N | T H E M |\n")              # other transcripts, same audio list
   with pytest.raises(ValueError, match=r"finetune_low was trained with other settings \(train_data: 'sha256:"):
+    demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+  # A record of an earlier version, without the data's identity: resumed, and given the current one.
+  old_record = {k: v for k, v in recorded.items() if k not in demo.DATA_FIELDS}
+  (arm / demo.RUN_SETTINGS).write_text(json.dumps(old_record))
+  demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+  upgraded = json.loads((arm / demo.RUN_SETTINGS).read_text())
+  assert upgraded["train_data"] != recorded["train_data"] and upgraded["valid_data"] == recorded["valid_data"]
+  assert {k: v for k, v in upgraded.items() if k not in demo.DATA_FIELDS} == old_record
+  (moved / "train_10m.ltr").write_text("I N | T H E |\n")
+  with pytest.raises(ValueError, match=r"train_data: 'sha256:"):
+    demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+  arm_cfg.train.steps += 1                     # an earlier record with another setting still stops the demo
+  (arm / demo.RUN_SETTINGS).write_text(json.dumps(old_record))
+  with pytest.raises(ValueError, match=r"train.steps: 2000 -> 2001\)"):
     demo._check_run_settings(arm_cfg, "train_10m", str(arm))
 
 

@@ -237,6 +237,7 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
 
 RUN_SETTINGS = "demo_run_settings.json"     # in each training stage's workdir: what it was trained with
 PATH_FIELDS = ("init", "data.train_manifest", "data.valid_manifest")   # recorded as the split / init kind
+DATA_FIELDS = ("train_data", "valid_data")     # the manifests' identity (`_data_id`): recorded since 2026-12-07
 
 
 def _pretrained_id(init: str) -> Any:
@@ -272,7 +273,8 @@ def _check_run_settings(cfg, split: str, workdir: str) -> None:
   of the package). Paths are left out (a run folder moved with its corpus still matches): the split's
   name and the identity of its training and validation data (`_data_id`) and, for a fine-tuning arm,
   which pretraining it starts from (`_pretrained_id`) stand for them. A workdir with checkpoints but no
-  record (a demo of an earlier version) is resumed with a warning."""
+  record (a demo of an earlier version) is resumed with a warning; a record without the data's identity
+  (an earlier version's) is compared without it and then given it."""
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
   flat = traverse_util.flatten_dict(json.loads(cfg.to_json_best_effort()), sep=".")
   settings = {k: v for k, v in flat.items() if k not in PATH_FIELDS}
@@ -286,10 +288,16 @@ def _check_run_settings(cfg, split: str, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       recorded = json.load(f)
-    changed = packaged.differences(recorded, settings)
+    # Records written before the data identity was kept lack it: compared without it, then given it.
+    unrecorded = {k: settings[k] for k in DATA_FIELDS if k in settings and k not in recorded}
+    changed = packaged.differences(recorded, {k: v for k, v in settings.items() if k not in unrecorded})
     if changed:
       raise ValueError(f"{workdir} was trained with other settings ({'; '.join(changed)}); delete that folder to train "
                        "it again, or give the demo another --out")
+    if unrecorded:
+      log.info("%s: recording the identity of its data (%s) in %s", workdir, ", ".join(unrecorded), RUN_SETTINGS)
+      with open(path, "w") as f:
+        json.dump(dict(recorded, **unrecorded), f, indent=1, sort_keys=True)
     return
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     log.warning("%s has checkpoints but no record of its settings (%s): resumed as it is", workdir, RUN_SETTINGS)
