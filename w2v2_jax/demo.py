@@ -22,7 +22,8 @@
                  report.md / report.json in the run folder.
 
 Every stage resumes: a killed demo picks up where it stopped (checkpoints, finished corpus files); a
-training stage's folder records its settings, and one trained with other settings is refused.
+training stage's folder records its settings and data, and one trained with other settings or on
+other data (a corpus made again in place) is refused.
 `scale` multiplies the number of updates of every training stage.
 """
 from __future__ import annotations
