@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from w2v2_jax import demo
+from w2v2_jax import demo, run_record
 
 SCALE = 0.01          # 30 pretraining updates, 30 (small_1h) and 20 (small_10m) fine-tuning updates
 ARGS = ["--out", "run", "--corpus", "corpus", "--hours", "0.03", "--scale", str(SCALE), "--eval-minutes", "0.3",
@@ -214,7 +214,7 @@ def test_demo_refuses_to_resume_a_run_trained_with_other_settings(demo_run, inst
   copy = tmp_path / "moved"
   for folder in ("run", "corpus"):
     shutil.copytree(root / folder, copy / folder)
-  settings_path = copy / "run" / "finetune_scratch" / demo.RUN_SETTINGS
+  settings_path = copy / "run" / "finetune_scratch" / run_record.RUN_SETTINGS
   settings = json.loads(settings_path.read_text())
   assert settings["data.augment.speed_prob"] == 0.5 and settings["split"] == "train_0.5m"
   assert settings["pretrained_init"] is False and "init" not in settings
@@ -233,8 +233,8 @@ def test_demo_refuses_to_resume_a_run_trained_with_other_settings(demo_run, inst
   # Pretraining and the main arm before it resumed from the moved folder: their settings matched (paths
   # are not compared).
   for stage in ("pretrain", "finetune"):
-    assert (copy / "run" / stage / demo.RUN_SETTINGS).exists() and f"run/{stage} was trained" not in proc.stderr
-  assert json.loads((copy / "run" / "pretrain" / demo.RUN_SETTINGS).read_text())["split"] == "pretrain"
+    assert (copy / "run" / stage / run_record.RUN_SETTINGS).exists() and f"run/{stage} was trained" not in proc.stderr
+  assert json.loads((copy / "run" / "pretrain" / run_record.RUN_SETTINGS).read_text())["split"] == "pretrain"
 
 
 def test_an_arm_is_not_reused_after_its_pretraining_changed(tmp_path):
@@ -244,22 +244,22 @@ def test_an_arm_is_not_reused_after_its_pretraining_changed(tmp_path):
   pre_cfg, arm_cfg, scratch_cfg = _configs_reading_manifests(tmp_path)
   pre, arm, scratch = tmp_path / "pretrain", tmp_path / "finetune_low", tmp_path / "finetune_low_scratch"
   arm_cfg.init = str(pre)
-  demo._check_run_settings(pre_cfg, "pretrain", str(pre))
-  demo._check_run_settings(arm_cfg, "train_10m", str(arm))
-  recorded = json.loads((arm / demo.RUN_SETTINGS).read_text())["pretrained_init"]
+  run_record.check(pre_cfg, "pretrain", str(pre))
+  run_record.check(arm_cfg, "train_10m", str(arm))
+  recorded = json.loads((arm / run_record.RUN_SETTINGS).read_text())["pretrained_init"]
   assert re.fullmatch(r"sha256:[0-9a-f]{16}", recorded)
-  demo._check_run_settings(scratch_cfg, "train_10m", str(scratch))
-  demo._check_run_settings(arm_cfg, "train_10m", str(arm))           # the same pretraining: resumes
+  run_record.check(scratch_cfg, "train_10m", str(scratch))
+  run_record.check(arm_cfg, "train_10m", str(arm))           # the same pretraining: resumes
   shutil.rmtree(pre)                                                  # pretraining trained again, longer
   pre_cfg.train.steps += 1000
-  demo._check_run_settings(pre_cfg, "pretrain", str(pre))
+  run_record.check(pre_cfg, "pretrain", str(pre))
   with pytest.raises(ValueError, match=rf"finetune_low was trained with other settings \(pretrained_init: "
                                        rf"'{recorded}' -> 'sha256:[0-9a-f]{{16}}'\)"):
-    demo._check_run_settings(arm_cfg, "train_10m", str(arm))
-  demo._check_run_settings(scratch_cfg, "train_10m", str(scratch))   # random init: unaffected
+    run_record.check(arm_cfg, "train_10m", str(arm))
+  run_record.check(scratch_cfg, "train_10m", str(scratch))   # random init: unaffected
   # A pretraining run without a record (an earlier demo's) is recorded as True, as earlier arms recorded it.
-  (pre / demo.RUN_SETTINGS).unlink()
-  assert demo._pretrained_id(str(pre)) is True
+  (pre / run_record.RUN_SETTINGS).unlink()
+  assert run_record.pretrained_id(str(pre)) is True
 
 
 def _configs_reading_manifests(tmp_path):
@@ -290,9 +290,9 @@ def test_a_run_is_not_reused_after_its_corpus_was_replanned(tmp_path):
   of an earlier version, without it, resumes and is given it."""
   pre_cfg, arm_cfg, _ = _configs_reading_manifests(tmp_path)
   pre, arm = tmp_path / "pretrain", tmp_path / "finetune_low"
-  demo._check_run_settings(pre_cfg, "pretrain", str(pre))
-  demo._check_run_settings(arm_cfg, "train_10m", str(arm))
-  recorded = json.loads((arm / demo.RUN_SETTINGS).read_text())
+  run_record.check(pre_cfg, "pretrain", str(pre))
+  run_record.check(arm_cfg, "train_10m", str(arm))
+  recorded = json.loads((arm / run_record.RUN_SETTINGS).read_text())
   assert re.fullmatch(r"sha256:[0-9a-f]{16}", recorded["train_data"])
   assert re.fullmatch(r"sha256:[0-9a-f]{16}", recorded["valid_data"])
   corpus = tmp_path / "corpus"
@@ -303,28 +303,28 @@ def test_a_run_is_not_reused_after_its_corpus_was_replanned(tmp_path):
     (moved / name).write_text("\n".join([str(moved / "audio")] + lines[1:]) + "\n")
   pre_cfg.data.train_manifest = str(moved / "pretrain.tsv")
   arm_cfg.data.train_manifest, arm_cfg.data.valid_manifest = str(moved / "train_10m.tsv"), str(moved / "valid.tsv")
-  demo._check_run_settings(pre_cfg, "pretrain", str(pre))
-  demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+  run_record.check(pre_cfg, "pretrain", str(pre))
+  run_record.check(arm_cfg, "train_10m", str(arm))
   (moved / "pretrain.tsv").write_text((moved / "pretrain.tsv").read_text().replace("32000", "32480"))
   with pytest.raises(ValueError, match=r"pretrain was trained with other settings \(train_data: 'sha256:"):
-    demo._check_run_settings(pre_cfg, "pretrain", str(pre))
+    run_record.check(pre_cfg, "pretrain", str(pre))
   (moved / "train_10m.ltr").write_text("I N | T H E M |\n")              # other transcripts, same audio list
   with pytest.raises(ValueError, match=r"finetune_low was trained with other settings \(train_data: 'sha256:"):
-    demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+    run_record.check(arm_cfg, "train_10m", str(arm))
   # A record of an earlier version, without the data's identity: resumed, and given the current one.
-  old_record = {k: v for k, v in recorded.items() if k not in demo.DATA_FIELDS}
-  (arm / demo.RUN_SETTINGS).write_text(json.dumps(old_record))
-  demo._check_run_settings(arm_cfg, "train_10m", str(arm))
-  upgraded = json.loads((arm / demo.RUN_SETTINGS).read_text())
+  old_record = {k: v for k, v in recorded.items() if k not in run_record.DATA_FIELDS}
+  (arm / run_record.RUN_SETTINGS).write_text(json.dumps(old_record))
+  run_record.check(arm_cfg, "train_10m", str(arm))
+  upgraded = json.loads((arm / run_record.RUN_SETTINGS).read_text())
   assert upgraded["train_data"] != recorded["train_data"] and upgraded["valid_data"] == recorded["valid_data"]
-  assert {k: v for k, v in upgraded.items() if k not in demo.DATA_FIELDS} == old_record
+  assert {k: v for k, v in upgraded.items() if k not in run_record.DATA_FIELDS} == old_record
   (moved / "train_10m.ltr").write_text("I N | T H E |\n")
   with pytest.raises(ValueError, match=r"train_data: 'sha256:"):
-    demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+    run_record.check(arm_cfg, "train_10m", str(arm))
   arm_cfg.train.steps += 1                     # an earlier record with another setting still stops the demo
-  (arm / demo.RUN_SETTINGS).write_text(json.dumps(old_record))
+  (arm / run_record.RUN_SETTINGS).write_text(json.dumps(old_record))
   with pytest.raises(ValueError, match=r"train.steps: 2000 -> 2001\)"):
-    demo._check_run_settings(arm_cfg, "train_10m", str(arm))
+    run_record.check(arm_cfg, "train_10m", str(arm))
 
 
 def test_demo_cli_rejects_bad_scale(tmp_path):

@@ -23,12 +23,11 @@
 
 Every stage resumes: a killed demo picks up where it stopped (checkpoints, finished corpus files); a
 training stage's folder records its settings and data, and one trained with other settings or on
-other data (a corpus made again in place) is refused.
+other data (a corpus made again in place) is refused (`run_record`).
 `scale` multiplies the number of updates of every training stage.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -37,7 +36,7 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-from w2v2_jax import configs as packaged, plots
+from w2v2_jax import configs as packaged, plots, run_record
 from w2v2_jax.corpus import by_voice, synthesize
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ def run(out_dir: str = "runs/demo", corpus_dir: str = "data/tts_corpus", *, hour
   pre_dir = os.path.join(out_dir, "pretrain")
   start = _stage(f"2/5 pretraining: {pre_cfg.train.steps} updates of {pre_cfg.batch.global_seconds:g} s of audio "
                  f"(train{' + unlabeled' if unlabeled_hours else ''}) -> {pre_dir}", say)
-  _check_run_settings(pre_cfg, "pretrain", pre_dir)
+  run_record.check(pre_cfg, "pretrain", pre_dir)
   loop.pretrain(pre_cfg, pre_dir)
   times["pretrain"] = time.monotonic() - start
   records = plots.read_jsonl(os.path.join(pre_dir, "metrics.jsonl"))
@@ -223,7 +222,7 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
   cfg.train.seed = cfg.data.seed = seed
   cfg.train.best_metric = "cer"      # every arm exports by the same measure, the one compared
   _stage(f"{title} ({config_name}, {cfg.train.steps} updates) -> {workdir}", say)
-  _check_run_settings(cfg, split, workdir)
+  run_record.check(cfg, split, workdir)
   loop.finetune(cfg, workdir)
   with open(os.path.join(workdir, "best.json")) as f:
     best = json.load(f)
@@ -234,78 +233,6 @@ def _finetune_arm(config_name: str, split: str, init: str, workdir: str,
              "valid_wer": round(best["wer"], 4), "valid_cer": round(best["cer"], 4),
              "valid_cer_curve": {int(r["step"]): round(float(r["valid/cer"]), 4) for r in valid}}
   return {"dir": workdir, "summary": summary}
-
-
-RUN_SETTINGS = "demo_run_settings.json"     # in each training stage's workdir: what it was trained with
-PATH_FIELDS = ("init", "data.train_manifest", "data.valid_manifest")   # recorded as the split / init kind
-DATA_FIELDS = ("train_data", "valid_data")     # the manifests' identity (`_data_id`): recorded since 2026-12-07
-
-
-def _pretrained_id(init: str) -> Any:
-  """Which pretraining a fine-tuning arm starts from: "sha256:<16 hex>" of the pretraining run's own
-  RUN_SETTINGS record, so that an arm trained from an earlier pretraining (its folder deleted and trained
-  again with other settings) is not reused; True where that run has no record (an earlier demo's)."""
-  path = os.path.join(init, RUN_SETTINGS)
-  if not os.path.isfile(path):
-    return True
-  with open(path, "rb") as f:
-    return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
-
-
-def _data_id(manifest_path: str) -> str:
-  """Which audio and transcripts a manifest names: "sha256:<16 hex>" of its lines after the root (the
-  relative paths and lengths) and of its .ltr transcripts where there are any. A corpus folder re-planned
-  in place (`make-corpus` with other hours, seed or engines) keeps its split names, and its paths for
-  the most part, but not this."""
-  digest = hashlib.sha256()
-  with open(manifest_path, "rb") as f:
-    digest.update(b"".join(f.readlines()[1:]))
-  transcripts = os.path.splitext(manifest_path)[0] + ".ltr"
-  if os.path.isfile(transcripts):
-    with open(transcripts, "rb") as f:
-      digest.update(f.read())
-  return "sha256:" + digest.hexdigest()[:16]
-
-
-def _check_run_settings(cfg, split: str, workdir: str) -> None:
-  """Records a training stage's settings (pretraining, or one fine-tuning arm) in workdir/RUN_SETTINGS
-  when it starts; when the demo resumes it, raises ValueError if the recorded settings differ from
-  `cfg`'s (a finished run would otherwise be reused as it is after a config change, e.g. a new version
-  of the package). Paths are left out (a run folder moved with its corpus still matches): the split's
-  name and the identity of its training and validation data (`_data_id`) and, for a fine-tuning arm,
-  which pretraining it starts from (`_pretrained_id`) stand for them. A workdir with checkpoints but no
-  record (a demo of an earlier version) is resumed with a warning; a record without the data's identity
-  (an earlier version's) is compared without it and then given it."""
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  flat = traverse_util.flatten_dict(json.loads(cfg.to_json_best_effort()), sep=".")
-  settings = {k: v for k, v in flat.items() if k not in PATH_FIELDS}
-  settings["split"] = split
-  settings["train_data"] = _data_id(cfg.data.train_manifest)
-  if cfg.data.get("valid_manifest"):
-    settings["valid_data"] = _data_id(cfg.data.valid_manifest)
-  if "init" in cfg:
-    settings["pretrained_init"] = _pretrained_id(cfg.init) if cfg.init else False
-  path = os.path.join(workdir, RUN_SETTINGS)
-  if os.path.exists(path):
-    with open(path) as f:
-      recorded = json.load(f)
-    # Records written before the data identity was kept lack it: compared without it, then given it.
-    unrecorded = {k: settings[k] for k in DATA_FIELDS if k in settings and k not in recorded}
-    changed = packaged.differences(recorded, {k: v for k, v in settings.items() if k not in unrecorded})
-    if changed:
-      raise ValueError(f"{workdir} was trained with other settings ({'; '.join(changed)}); delete that folder to train "
-                       "it again, or give the demo another --out")
-    if unrecorded:
-      log.info("%s: recording the identity of its data (%s) in %s", workdir, ", ".join(unrecorded), RUN_SETTINGS)
-      with open(path, "w") as f:
-        json.dump(dict(recorded, **unrecorded), f, indent=1, sort_keys=True)
-    return
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    log.warning("%s has checkpoints but no record of its settings (%s): resumed as it is", workdir, RUN_SETTINGS)
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(settings, f, indent=1, sort_keys=True)
 
 
 def _comparison_lines(compare: dict[str, Any]) -> list[str]:
