@@ -78,12 +78,10 @@ def check(cfg, split: str, workdir: str) -> None:
     if changed:
       raise ValueError(f"{workdir} was trained with other settings ({'; '.join(changed)}); delete that folder to train "
                        "it again, or give the demo another --out")
-    if unrecorded:
-      log.info("%s: recording the identity of its data (%s) in %s", workdir, ", ".join(unrecorded), RUN_SETTINGS)
-      with open(path, "w") as f:
-        json.dump(dict(recorded, **unrecorded), f, indent=1, sort_keys=True)
-    return
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not unrecorded:
+      return
+    log.info("%s: recording the identity of its data (%s) in %s", workdir, ", ".join(unrecorded), RUN_SETTINGS)
+  elif os.path.isdir(os.path.join(workdir, "checkpoints")):
     log.warning("%s has checkpoints but no record of its settings (%s): resumed as it is", workdir, RUN_SETTINGS)
     return
   os.makedirs(workdir, exist_ok=True)
