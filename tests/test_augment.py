@@ -83,6 +83,31 @@ def test_bandlimit_without_a_highpass_corner_is_a_lowpass():
   assert abs(gain(60)) < 1.0 and abs(gain(1000)) < 1.0 and gain(6000) < -25
 
 
+def test_peaking_biquad_has_its_gain_at_the_centre_and_none_far_away():
+  from scipy import signal
+  sos = augment.peaking_biquad(1000.0, 6.0, 1.0, RATE)
+  through = lambda f: power_db(signal.sosfilt(sos, sine(f))[RATE // 2:]) - power_db(sine(f)[RATE // 2:])  # noqa: E731
+  assert through(1000) == pytest.approx(6.0, abs=0.1)
+  assert abs(through(60)) < 0.1 and abs(through(7500)) < 0.5
+  cut = augment.peaking_biquad(2000.0, -9.0, 2.0, RATE)
+  assert power_db(signal.sosfilt(cut, sine(2000))[RATE // 2:]) - power_db(sine(2000)[RATE // 2:]) == pytest.approx(
+      -9.0, abs=0.1)
+
+
+def test_eq_applies_its_bands_in_series():
+  """Three bands drawn at one centre and gain: three times the gain there, level far from it."""
+  cfg = only(eq_prob=1.0, eq_hz=(1000.0, 1000.0), eq_gain_db=(4.0, 4.0), eq_q=(1.0, 1.0))
+  gain = lambda f: power_db(augment.augment(sine(f), cfg, np.random.default_rng(0), RATE)[RATE // 2:]) - power_db(  # noqa: E731
+      sine(f)[RATE // 2:])
+  assert gain(1000) == pytest.approx(augment.EQ_BANDS * 4.0, abs=0.2)
+  assert abs(gain(60)) < 0.3
+  drawn = only(eq_prob=1.0)
+  a, b = (augment.augment(sine(440), drawn, np.random.default_rng(s), RATE) for s in (0, 1))
+  assert not np.allclose(a, b) and np.isfinite(a).all()
+  with pytest.raises(ValueError, match="data.augment.eq_hz must be positive"):
+    augment.AugmentConfig.from_any({"eq_hz": (0.0, 4000.0)})
+
+
 @pytest.mark.parametrize("colour", ["pink", "brown"])
 def test_coloured_noise_power_is_in_the_audible_band(colour):
   """The drawn SNR is the one heard: nothing below 20 Hz, most power above 50 Hz, whatever the length."""
@@ -129,7 +154,8 @@ def test_config_errors_name_the_field():
   assert cfg.noise_prob == 0.5 and cfg.snr == (5.0, 30.0) and augment.AugmentConfig.from_any(None) == only()
 
 
-ALL = augment.AugmentConfig(speed_prob=0.5, reverb_prob=0.5, bandlimit_prob=0.5, noise_prob=0.5, gain_prob=0.5)
+ALL = augment.AugmentConfig(speed_prob=0.5, reverb_prob=0.5, bandlimit_prob=0.5, noise_prob=0.5, gain_prob=0.5,
+                            eq_prob=0.5)
 
 
 def corpus(tmp_path, n=12):

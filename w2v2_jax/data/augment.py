@@ -11,7 +11,11 @@ Each transform is applied to an utterance with its own probability, in this orde
              corner from `lowpass` Hz (3.4 kHz is a telephone channel);
   noise      additive coloured noise (white, pink or brown, equally likely; pink and brown have no
              energy below 20 Hz) at an SNR from `snr` dB, against the utterance's mean power;
-  gain       a gain from `gain_db` dB (irrelevant with data.normalize, which undoes it).
+  gain       a gain from `gain_db` dB (irrelevant with data.normalize, which undoes it);
+  eq         a random timbre: EQ_BANDS peaking filters in series (the RBJ audio-EQ biquad), each centred
+             at a frequency drawn log-uniformly from `eq_hz`, with a gain from `eq_gain_db` dB and a
+             quality factor from `eq_q` (bandwidth about centre / Q); last, so its draws do not change
+             any other transform's.
 
 Ranges are (low, high), drawn uniformly. Every draw comes from a generator seeded by (data.seed,
 epoch, utterance index), so a batch is the same whatever the thread count or host, and after a resume.
@@ -26,9 +30,10 @@ import numpy as np
 
 Range = Tuple[float, float]
 NOISE_COLOURS = ("white", "pink", "brown")
-POSITIVE = ("speed", "rt60")                   # ranges whose values must be > 0
+POSITIVE = ("speed", "rt60", "eq_hz", "eq_q")   # ranges whose values must be > 0
 NOISE_LOW_HZ = 20.0                            # coloured noise has no energy below this ...
 NOISE_FLAT_HZ = 50.0                           # ... and a flat spectrum from there to this
+EQ_BANDS = 3                                   # peaking filters of one `eq` draw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +51,15 @@ class AugmentConfig:
   snr: Range = (5.0, 30.0)
   gain_prob: float = 0.0
   gain_db: Range = (-12.0, 6.0)
+  eq_prob: float = 0.0
+  eq_hz: Range = (150.0, 6000.0)
+  eq_gain_db: Range = (-9.0, 9.0)
+  eq_q: Range = (0.7, 2.0)
 
   @property
   def enabled(self) -> bool:
     return any(p > 0 for p in (self.speed_prob, self.reverb_prob, self.bandlimit_prob, self.noise_prob,
-                               self.gain_prob))
+                               self.gain_prob, self.eq_prob))
 
   @classmethod
   def from_any(cls, spec: Any) -> "AugmentConfig":
@@ -125,8 +134,19 @@ def coloured_noise(rng: np.random.Generator, n: int, colour: str, sample_rate: i
   return noise / max(float(np.sqrt(np.mean(noise ** 2))), 1e-12)
 
 
+def peaking_biquad(centre_hz: float, gain_db: float, q: float, sample_rate: int) -> np.ndarray:
+  """One peaking EQ section as second-order sections (1, 6): `gain_db` at `centre_hz`, 0 dB far from it
+  (the audio-EQ-cookbook biquad, normalised so a0 = 1)."""
+  a = 10.0 ** (gain_db / 40.0)
+  w0 = 2.0 * np.pi * centre_hz / sample_rate
+  alpha = np.sin(w0) / (2.0 * q)
+  b = np.array([1.0 + alpha * a, -2.0 * np.cos(w0), 1.0 - alpha * a])
+  den = np.array([1.0 + alpha / a, -2.0 * np.cos(w0), 1.0 - alpha / a])
+  return np.concatenate([b / den[0], den / den[0]])[None, :]
+
+
 def augment(audio: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, sample_rate: int) -> np.ndarray:
-  """Reverb, band limit, noise and gain (each with its probability) on one utterance, float32 (samples,).
+  """Reverb, band limit, noise, gain and EQ (each with its probability) on one utterance, float32 (samples,).
   Speed is separate (`speed_factor`, `change_speed`): it changes the length, which the caller checks."""
   from scipy import signal  # pylint: disable=import-outside-toplevel
   x = np.asarray(audio, np.float64)
@@ -152,6 +172,11 @@ def augment(audio: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, sam
     x = x + coloured_noise(rng, n, colour, sample_rate) * np.sqrt(power / 10.0 ** (snr / 10.0))
   if rng.random() < cfg.gain_prob:
     x = x * 10.0 ** (_uniform(rng, cfg.gain_db) / 20.0)
+  if cfg.eq_prob > 0 and rng.random() < cfg.eq_prob:    # drawn only when on: older configs' draws are unchanged
+    log_hz = np.log(np.minimum(cfg.eq_hz, 0.45 * sample_rate))
+    sos = np.concatenate([peaking_biquad(float(np.exp(_uniform(rng, tuple(log_hz)))), _uniform(rng, cfg.eq_gain_db),
+                                         _uniform(rng, cfg.eq_q), sample_rate) for _ in range(EQ_BANDS)])
+    x = signal.sosfilt(sos, x)
   return x.astype(np.float32)
 
 
@@ -194,7 +219,7 @@ def describe(cfg: AugmentConfig) -> Mapping[str, Any]:
   """The enabled transforms with their probability and ranges (for logs and reports)."""
   out = {}
   for name, keys in (("speed", ("speed",)), ("reverb", ("rt60", "drr")), ("bandlimit", ("highpass", "lowpass")),
-                     ("noise", ("snr",)), ("gain", ("gain_db",))):
+                     ("noise", ("snr",)), ("gain", ("gain_db",)), ("eq", ("eq_hz", "eq_gain_db", "eq_q"))):
     prob = getattr(cfg, f"{name}_prob")
     if prob > 0:
       out[name] = {"prob": prob, **{k: getattr(cfg, k) for k in keys}}
