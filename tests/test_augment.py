@@ -27,6 +27,17 @@ def only(**fields):
   return augment.AugmentConfig(**fields)
 
 
+def response_db(process, freq):
+  """Level change (dB) of a 1 s sine at `freq` through `process`, over its second half (past the onset)."""
+  x = sine(freq)
+  return power_db(process(x)[RATE // 2:]) - power_db(x[RATE // 2:])
+
+
+def augmented(cfg):
+  """`augment.augment` with `cfg` and a fixed generator, as a function of the audio."""
+  return lambda x: augment.augment(x, cfg, np.random.default_rng(0), RATE)
+
+
 def test_noise_is_added_at_the_drawn_snr():
   x = sine(440, 2.0)
   for snr in (0.0, 10.0, 25.0):
@@ -70,35 +81,31 @@ def test_reverb_keeps_the_length_and_smears_in_time():
 
 def test_bandlimit_attenuates_outside_the_band():
   cfg = only(bandlimit_prob=1.0, highpass=(300.0, 300.0), lowpass=(3000.0, 3000.0))
-  gain = lambda f: power_db(augment.augment(sine(f), cfg, np.random.default_rng(0), RATE)[RATE // 2:]) - power_db(  # noqa: E731
-      sine(f)[RATE // 2:])
+  gain = lambda f: response_db(augmented(cfg), f)  # noqa: E731
   assert abs(gain(1000)) < 1.0
   assert gain(60) < -25 and gain(6000) < -25
 
 
 def test_bandlimit_without_a_highpass_corner_is_a_lowpass():
   cfg = augment.AugmentConfig.from_any({"bandlimit_prob": 1.0, "highpass": (0.0, 0.0), "lowpass": (3000.0, 3000.0)})
-  gain = lambda f: power_db(augment.augment(sine(f), cfg, np.random.default_rng(0), RATE)[RATE // 2:]) - power_db(  # noqa: E731
-      sine(f)[RATE // 2:])
+  gain = lambda f: response_db(augmented(cfg), f)  # noqa: E731
   assert abs(gain(60)) < 1.0 and abs(gain(1000)) < 1.0 and gain(6000) < -25
 
 
 def test_peaking_biquad_has_its_gain_at_the_centre_and_none_far_away():
   from scipy import signal
-  sos = augment.peaking_biquad(1000.0, 6.0, 1.0, RATE)
-  through = lambda f: power_db(signal.sosfilt(sos, sine(f))[RATE // 2:]) - power_db(sine(f)[RATE // 2:])  # noqa: E731
+  boost = augment.peaking_biquad(1000.0, 6.0, 1.0, RATE)
+  through = lambda f: response_db(lambda x: signal.sosfilt(boost, x), f)  # noqa: E731
   assert through(1000) == pytest.approx(6.0, abs=0.1)
   assert abs(through(60)) < 0.1 and abs(through(7500)) < 0.5
   cut = augment.peaking_biquad(2000.0, -9.0, 2.0, RATE)
-  assert power_db(signal.sosfilt(cut, sine(2000))[RATE // 2:]) - power_db(sine(2000)[RATE // 2:]) == pytest.approx(
-      -9.0, abs=0.1)
+  assert response_db(lambda x: signal.sosfilt(cut, x), 2000) == pytest.approx(-9.0, abs=0.1)
 
 
 def test_eq_applies_its_bands_in_series():
   """Three bands drawn at one centre and gain: three times the gain there, level far from it."""
   cfg = only(eq_prob=1.0, eq_hz=(1000.0, 1000.0), eq_gain_db=(4.0, 4.0), eq_q=(1.0, 1.0))
-  gain = lambda f: power_db(augment.augment(sine(f), cfg, np.random.default_rng(0), RATE)[RATE // 2:]) - power_db(  # noqa: E731
-      sine(f)[RATE // 2:])
+  gain = lambda f: response_db(augmented(cfg), f)  # noqa: E731
   assert gain(1000) == pytest.approx(augment.EQ_BANDS * 4.0, abs=0.2)
   assert abs(gain(60)) < 0.3
   drawn = only(eq_prob=1.0)
